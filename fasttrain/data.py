@@ -1,0 +1,445 @@
+"""Data: CIFAR-10 and digits as tensors on the device, batches that never leave it, augmentation as tensor ops.
+
+CIFAR-10 is looked for, in order: a checksummed cache of uint8 tensors, the npz layout
+(`train.npz` / `test.npz` with `images` uint8 NHWC and `labels`), torchvision's
+`cifar-10-batches-py` folder, and last torchvision's checksummed download. The data root is
+the `root` argument, else `$FASTTRAIN_DATA`, else `~/.cache/fasttrain/data`. The cache sits
+in the root when the root is writable, else in `$FASTTRAIN_CACHE` (or `~/.cache/fasttrain`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pickle
+import stat
+import tempfile
+import warnings
+import zlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ENV_VAR = "FASTTRAIN_DATA"
+CACHE_ENV_VAR = "FASTTRAIN_CACHE"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+# Per-channel mean and standard deviation over all pixels of the 50,000 training images, on the
+# 0..1 scale (computed in float64; the often quoted std 0.2470, 0.2435, 0.2616 is slightly off).
+CIFAR10_MEAN = (0.4913, 0.4821, 0.4465)
+CIFAR10_STD = (0.2452, 0.2428, 0.2606)
+
+SPLITS = ("train", "test")
+CACHE_FORMAT = 1
+_TORCHVISION_DIR = "cifar-10-batches-py"
+_TORCHVISION_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+class CacheCorruptWarning(UserWarning):
+    """A CIFAR-10 cache file failed its checks and is being rebuilt from the source."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the data and the cache live
+# ---------------------------------------------------------------------------------------------
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """The data root: the argument, else $FASTTRAIN_DATA, else ~/.cache/fasttrain/data."""
+    if root is not None:
+        return Path(root).expanduser()
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "fasttrain" / "data"
+
+
+def _fallback_cache_dir() -> Path:
+    """Where caches go when the data root is read-only: $FASTTRAIN_CACHE, else ~/.cache/fasttrain."""
+    env = os.environ.get(CACHE_ENV_VAR)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fasttrain"
+
+
+def _is_writable_dir(path: Path) -> bool:
+    """True when `path` is (or can be made as) a directory meant to be written to.
+
+    A directory with no write bit at all counts as read-only even for root, who could
+    write there anyway: a shared, read-only data copy must not collect caches.
+    """
+    while not path.exists():
+        if path.parent == path:
+            return False
+        path = path.parent
+    if not path.is_dir():
+        return False
+    return bool(path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)) and os.access(path, os.W_OK)
+
+
+def cache_path(split: str, root: str | os.PathLike | None = None) -> Path:
+    """The cache file of a CIFAR-10 split for this data root (in the root if writable, else the cache dir)."""
+    _check_split(split)
+    root = data_root(root)
+    if _is_writable_dir(root):
+        return root / f"cifar10_{split}_uint8.pt"
+    tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]
+    return _fallback_cache_dir() / f"cifar10_{split}_uint8_{tag}.pt"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"Unknown CIFAR-10 split {split!r}: use split='train' (50,000 images) or 'test' (10,000).")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache: uint8 tensors plus a recorded shape and checksum
+# ---------------------------------------------------------------------------------------------
+
+def _checksum(images: torch.Tensor, labels: torch.Tensor) -> int:
+    """CRC-32 of the image bytes followed by the label bytes (about 0.04 s for the training set)."""
+    crc = zlib.crc32(images.contiguous().numpy())
+    return zlib.crc32(labels.contiguous().numpy(), crc)
+
+
+def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, source: str) -> None:
+    """Write the cache atomically (temporary file, then rename), so an interrupted write leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"format": CACHE_FORMAT, "images": images, "labels": labels,
+              "shape": tuple(images.shape), "checksum": _checksum(images, labels), "source": source}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        torch.save(record, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load a cache file and verify it; raise ValueError saying what is wrong when it fails a check."""
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, garbage bytes, unpickling errors: all mean "corrupt"
+        first_line = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"it cannot be read ({type(exc).__name__}: {first_line})") from exc
+    if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT:
+        raise ValueError("it is not a fasttrain CIFAR-10 cache of the current format")
+    images, labels = record.get("images"), record.get("labels")
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise ValueError("it lacks the images or labels tensor")
+    if images.dtype != torch.uint8 or labels.dtype != torch.int64:
+        raise ValueError(f"its dtypes are {images.dtype}/{labels.dtype}, not uint8/int64")
+    shape = tuple(images.shape)
+    if shape != tuple(record.get("shape", ())) or shape[1:] != (3, 32, 32) or labels.shape != (shape[0],):
+        raise ValueError(f"its shapes {shape} and {tuple(labels.shape)} do not match the recorded {record.get('shape')}")
+    if _checksum(images, labels) != record.get("checksum"):
+        raise ValueError("its checksum does not match the recorded one")
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# The sources: npz, torchvision's folder, torchvision's download
+# ---------------------------------------------------------------------------------------------
+
+def _from_nhwc(images: np.ndarray, labels, where: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 NHWC array and labels -> (uint8 NCHW tensor, int64 tensor), checking the layout."""
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise ValueError(f"{where}: expected uint8 images of shape [N, 32, 32, 3], got {images.dtype} {images.shape}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"{where}: expected {images.shape[0]} labels, got shape {labels.shape}")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(labels.astype(np.int64))
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(CIFAR10_CLASSES)):
+        raise ValueError(f"{where}: labels must lie in 0..9, got {int(y.min())}..{int(y.max())}")
+    return x, y
+
+
+def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    with np.load(path) as data:
+        missing = {"images", "labels"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path}: missing arrays {sorted(missing)} (has {data.files})")
+        return _from_nhwc(data["images"], data["labels"], path)
+
+
+def _read_torchvision_folder(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read torchvision's `cifar-10-batches-py` pickles (rows of 3072 bytes in CHW order)."""
+    images, labels = [], []
+    for name in _TORCHVISION_FILES[split]:
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(batch["labels"] if "labels" in batch else batch["fine_labels"])
+    nhwc = np.concatenate(images).transpose(0, 2, 3, 1)
+    return _from_nhwc(nhwc, labels, folder)
+
+
+def _download(split: str, into: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's checksummed download of CIFAR-10 into `into`."""
+    from torchvision.datasets import CIFAR10
+
+    into.mkdir(parents=True, exist_ok=True)
+    dataset = CIFAR10(str(into), train=(split == "train"), download=True)
+    return _from_nhwc(dataset.data, dataset.targets, into)
+
+
+def _load_from_source(split: str, root: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Find the split in the root (npz, then torchvision's folder), else download it; say where it came from."""
+    fallback = _fallback_cache_dir() / "cifar10"
+    looked = []
+    for base in dict.fromkeys([root, fallback]):
+        npz = base / f"{split}.npz"
+        looked.append(str(npz))
+        if npz.is_file():
+            x, y = _read_npz(npz)
+            return x, y, str(npz)
+        folder = base / _TORCHVISION_DIR
+        looked.append(str(folder))
+        if all((folder / name).is_file() for name in _TORCHVISION_FILES[split]):
+            x, y = _read_torchvision_folder(folder, split)
+            return x, y, str(folder)
+    into = root if _is_writable_dir(root) else fallback
+    why = "download=False was passed"
+    if download:
+        try:
+            x, y = _download(split, into)
+            return x, y, f"torchvision download into {into}"
+        except Exception as exc:  # offline, DNS, bad checksum: all end in the same advice
+            why = f"the download into {into} failed ({type(exc).__name__}: {exc})"
+    raise RuntimeError(
+        f"CIFAR-10 ({split}) was not found and {why}.\n"
+        f"Looked for: {', '.join(looked)} (and a cache file {cache_path(split, root)}).\n"
+        f"Fix it in one of these ways:\n"
+        f"  * point the data root at a folder that holds train.npz/test.npz (arrays `images` uint8 NHWC "
+        f"and `labels`) or torchvision's {_TORCHVISION_DIR}/: set the environment variable {ENV_VAR}=/path "
+        f"or pass the `root` argument (for example load_cifar10(root='/work/shared/data/cifar10'));\n"
+        f"  * or, with internet access, run the download step once: "
+        f"load_cifar10({split!r}, root={str(root)!r}, download=True) "
+        f"(torchvision.datasets.CIFAR10(root, download=True), about 170 MB, checksummed)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Public loaders
+# ---------------------------------------------------------------------------------------------
+
+def load_cifar10(split: str = "train", root: str | os.PathLike | None = None,
+                 device: torch.device | str = "cpu", download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 as (uint8 images [N,3,32,32], int64 labels [N]) on `device`, cached after the first load."""
+    _check_split(split)
+    root = data_root(root)
+    cache = cache_path(split, root)
+    if cache.exists():
+        try:
+            images, labels = _read_cache(cache)
+            return images.to(device), labels.to(device)
+        except ValueError as problem:
+            warnings.warn(f"The CIFAR-10 cache {cache} is corrupt: {problem}. Rebuilding it from the source.",
+                          CacheCorruptWarning, stacklevel=2)
+            cache.unlink(missing_ok=True)
+    images, labels, source = _load_from_source(split, root, download)
+    try:
+        _write_cache(cache, images, labels, source)
+    except OSError as exc:
+        warnings.warn(f"Could not write the CIFAR-10 cache {cache} ({exc}); loading will stay slow. "
+                      f"Set {CACHE_ENV_VAR} to a writable folder.", stacklevel=2)
+    return images.to(device), labels.to(device)
+
+
+def load_digits(device: torch.device | str = "cpu", test_fraction: float = 0.2,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits as float32 [N,64] in 0..1 with int64 labels, split stratified: (x_tr, y_tr, x_te, y_te)."""
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
+    digits = sk_load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
+    return tuple(torch.from_numpy(a).to(device) for a in (x_tr, y_tr, x_te, y_te))
+
+
+def balanced_subset(images: torch.Tensor, labels: torch.Tensor, n: int,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` samples, n/num_classes from each class, chosen at random (the same for the same seed), in source order."""
+    if len(images) != len(labels):
+        raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in length")
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    if n <= 0 or num_classes == 0 or n % num_classes:
+        raise ValueError(f"n={n} must be a positive multiple of the number of classes ({num_classes}), "
+                         f"for example {max(num_classes, 1) * max(1, n // max(num_classes, 1))}")
+    per_class = n // num_classes
+    cpu_labels = labels.cpu()
+    counts = torch.bincount(cpu_labels, minlength=num_classes)
+    short = [(c, int(k)) for c, k in enumerate(counts) if k < per_class]
+    if short:
+        raise ValueError(f"balanced_subset needs {per_class} samples per class but these classes have fewer: "
+                         + ", ".join(f"class {c}: {k}" for c, k in short) + "; ask for a smaller n")
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(num_classes):
+        members = torch.nonzero(cpu_labels == c).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    index = torch.cat(chosen).sort().values.to(labels.device)
+    return images[index.to(images.device)], labels[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation and augmentation on the device
+# ---------------------------------------------------------------------------------------------
+
+def normalize(images_uint8: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(images/255 - mean)/std per channel as float NCHW; uint8 input is on 0..255, float input on 0..1."""
+    x = images_uint8
+    scale = 1 / 255 if x.dtype == torch.uint8 else 1.0
+    if x.ndim != 4:
+        raise ValueError(f"normalize expects NCHW images, got shape {tuple(x.shape)}")
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    if mean.shape[1] != x.shape[1] or std.shape[1] != x.shape[1]:
+        raise ValueError(f"mean/std have {mean.shape[1]}/{std.shape[1]} channels but the images have {x.shape[1]}")
+    out = torch.addcmul(-mean / std, x.to(torch.float32), scale / std)
+    return out.to(dtype)
+
+
+def _uniform_ints(n: int, high: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """n random integers in [0, high) drawn on the generator's device (or `device`), moved to `device`."""
+    where = generator.device if generator is not None else device
+    return torch.randint(0, high, (n,), device=where, generator=generator).to(device)
+
+
+def _source_index(pos: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Map positions in [-pad, size+pad) of a padded axis to indices of the unpadded axis."""
+    if mode == "reflect":
+        period = 2 * (size - 1)
+        pos = pos.remainder(period)
+        return torch.where(pos < size, pos, period - pos)
+    if mode == "replicate":
+        return pos.clamp(0, size - 1)
+    if mode == "circular":
+        return pos.remainder(size)
+    raise ValueError(f"Unknown padding mode {mode!r}: use 'reflect', 'replicate', 'circular' or 'constant'")
+
+
+def random_crop(images: torch.Tensor, padding: int = 4, mode: str = "reflect",
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pad each image by `padding` (reflect/replicate/circular/constant) and cut a random HxW window from it."""
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if padding == 0 or len(images) == 0:
+        return images.clone()
+    n, _, h, w = images.shape
+    if mode == "reflect" and padding >= min(h, w):
+        raise ValueError(f"reflect padding ({padding}) must be smaller than the image side ({min(h, w)})")
+    dy = _uniform_ints(n, 2 * padding + 1, images.device, generator)
+    dx = _uniform_ints(n, 2 * padding + 1, images.device, generator)
+    rows = dy[:, None] + torch.arange(h, device=images.device)  # positions in the padded image
+    cols = dx[:, None] + torch.arange(w, device=images.device)
+    if mode == "constant":
+        source = F.pad(images, (padding,) * 4)
+    else:
+        source = images
+        rows, cols = _source_index(rows - padding, h, mode), _source_index(cols - padding, w, mode)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    # Advanced indexing around the channel slice gives [N, H, W, C]; bring channels back to dim 1.
+    out = source[batch, :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    flip = _uniform_ints(len(images), 2, images.device, generator).bool()
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def augment(images: torch.Tensor, padding: int = 4, mode: str = "reflect",
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """The standard CIFAR-10 augmentation: a random padded crop, then a random horizontal flip."""
+    return random_flip(random_crop(images, padding, mode, generator), generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches that live on the device
+# ---------------------------------------------------------------------------------------------
+
+class DeviceLoader:
+    """Batches (xb, yb) of tensors already on the device, reshuffled on the device every epoch."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = True,
+                 drop_last: bool = False, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 seed: int | None = None):
+        if len(x) != len(y):
+            raise ValueError(f"x ({len(x)}) and y ({len(y)}) must have the same number of samples")
+        if x.device != y.device:
+            raise ValueError(f"x is on {x.device} but y is on {y.device}: move both with .to(device)")
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.x, self.y = x, y
+        self.batch_size, self.shuffle, self.drop_last, self.transform = batch_size, shuffle, drop_last, transform
+        self.generator = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def num_samples(self) -> int:
+        """How many samples one epoch visits (all of them unless drop_last cuts the tail)."""
+        return len(self) * self.batch_size if self.drop_last else len(self.x)
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.x)
+        order = torch.randperm(n, device=self.device, generator=self.generator) if self.shuffle else None
+        for b in range(len(self)):
+            sl = slice(b * self.batch_size, min((b + 1) * self.batch_size, n))
+            if order is None:
+                xb, yb = self.x[sl], self.y[sl]
+            else:
+                idx = order[sl]
+                xb, yb = self.x[idx], self.y[idx]
+            if self.transform is not None:
+                xb = self.transform(xb)
+            yield xb, yb
+
+
+def cifar10_loaders(batch_size: int, root: str | os.PathLike | None = None, device: torch.device | str = "cpu",
+                    n_train: int | None = None, n_test: int | None = None, augment_train: bool = True,
+                    seed: int = 0, channels_last: bool = False,
+                    dtype: torch.dtype = torch.float32) -> tuple[DeviceLoader, DeviceLoader]:
+    """(train_loader, test_loader) over CIFAR-10 on the device: balanced subsets if n_* given, normalised, train augmented."""
+    device = torch.device(device)
+    x_tr, y_tr = load_cifar10("train", root, device)
+    x_te, y_te = load_cifar10("test", root, device)
+    if n_train is not None:
+        x_tr, y_tr = balanced_subset(x_tr, y_tr, n_train, seed)
+    if n_test is not None:
+        x_te, y_te = balanced_subset(x_te, y_te, n_test, seed)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def train_transform(xb: torch.Tensor) -> torch.Tensor:
+        if augment_train:
+            xb = augment(xb, generator=aug_gen)
+        return normalize(xb, dtype=dtype).contiguous(memory_format=memory_format)
+
+    def test_transform(xb: torch.Tensor) -> torch.Tensor:
+        return normalize(xb, dtype=dtype).contiguous(memory_format=memory_format)
+
+    train = DeviceLoader(x_tr, y_tr, batch_size, shuffle=True, transform=train_transform, seed=seed)
+    test = DeviceLoader(x_te, y_te, batch_size, shuffle=False, transform=test_transform)
+    return train, test
