@@ -1,0 +1,342 @@
+"""Chapter 5, the learning-rate range test: the library's finder, its cross-check with torch-lr-finder,
+the exercise's agreement with the library, the graded tests (through real nbgrader) and the smoke run."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fasttrain.lr_finder import (RangeTest, exponential_lrs, lr_sweep, plot_range_test, range_test,
+                                 smooth_losses, suggest_minimum, suggest_steepest, suggest_valley)
+
+SLUG = "05_lr_finder"
+
+
+# --- helpers ---------------------------------------------------------------------------------
+class ScriptedLoss:
+    """A loss function that returns a fixed sequence of values (one per call), whatever the model predicts."""
+
+    def __init__(self, values):
+        self.values, self.calls = list(values), 0
+
+    def __call__(self, preds, target):
+        value = self.values[self.calls]
+        self.calls += 1
+        return preds.sum() * 0.0 + value
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that remembers the learning rate of every step it takes."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.used = []
+
+    def step(self, closure=None):
+        self.used.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+def one_batch():
+    return [(torch.ones(4, 1), torch.zeros(4, dtype=torch.long))]
+
+
+def digits_batches(seed: int = 0, batch_size: int = 64):
+    """The 8x8 digits in shuffled batches (a list, so it can be iterated again)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16, dtype=torch.float32), torch.tensor(y)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return [(x[order[i:i + batch_size]], y[order[i:i + batch_size]])
+            for i in range(0, len(x) - batch_size + 1, batch_size)]
+
+
+def small_net(seed: int = 0, batch_norm: bool = True) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Linear(64, 64)] + ([nn.BatchNorm1d(64)] if batch_norm else []) + [nn.ReLU(), nn.Linear(64, 10)]
+    return nn.Sequential(*layers)
+
+
+def known_curve():
+    """41 rates over 1e-4..1, a flat start, a strict descent to a minimum at index 30, then a rise.
+
+    Known answers: minimum at index 30; steepest (central differences) at index 21, where the
+    drops of 0.4 (20 -> 21) and 0.2 (21 -> 22) meet; valley: the longest strictly decreasing run
+    is indices 10..30 (21 points), so start = 30 - 21 = 9, span = 21 and 9 + 7 + 3 = 19.
+    """
+    lrs = np.geomspace(1e-4, 1.0, 41)
+    drops = np.full(20, 0.05)
+    drops[[9, 10, 11]] = [0.1, 0.4, 0.2]  # the drops 19->20, 20->21, 21->22
+    losses = np.concatenate([np.full(11, 2.5), 2.5 - np.cumsum(drops), np.linspace(1.2, 3.0, 10)])
+    assert losses.shape == (41,) and int(np.argmin(losses)) == 30
+    return lrs, losses
+
+
+def fastai_valley_reference(lrs, losses) -> float:
+    """fastai's valley rule written out with its two loops, to pin the vectorised library version."""
+    n = len(losses)
+    lds = [1] * n
+    max_start = max_end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and lds[i] < lds[j] + 1:
+                lds[i] = lds[j] + 1
+            if lds[max_end] < lds[i]:
+                max_end, max_start = i, i - lds[i]
+    sections = (max_end - max_start) / 3
+    idx = max_start + int(sections) + int(sections / 2)
+    return float(lrs[max(idx, 0)])  # fastai would wrap -1 around to the last rate on a curve that never falls
+
+
+def snapshot(model, optimizer):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+            copy.deepcopy(optimizer.state_dict()))  # state_dict() holds live references: copy them
+
+
+def assert_same_tensors(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tensors(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y)
+    else:
+        assert a == b
+
+
+# --- the schedule and the smoothing ------------------------------------------------------------
+def test_exponential_lrs_multiply_by_the_same_factor_from_start_to_end():
+    lrs = exponential_lrs(1e-6, 10.0, 8)
+    assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(10.0)
+    np.testing.assert_allclose(lrs[1:] / lrs[:-1], (1e7) ** (1 / 7))
+
+
+def test_exponential_lrs_reject_a_downward_or_empty_range_with_a_clear_message():
+    with pytest.raises(ValueError, match="start_lr < end_lr"):
+        exponential_lrs(1.0, 1e-3, 10)
+    with pytest.raises(ValueError, match="num_steps"):
+        exponential_lrs(1e-6, 1.0, 1)
+
+
+def test_smoothed_loss_of_a_constant_curve_is_that_constant_thanks_to_bias_correction():
+    np.testing.assert_allclose(smooth_losses([2.0] * 50, beta=0.98), 2.0)
+
+
+def test_smoothed_loss_is_the_bias_corrected_exponential_average():
+    losses = [3.0, 1.0, 2.0, 5.0]
+    beta = 0.9
+    avg, expected = 0.0, []
+    for i, x in enumerate(losses):
+        avg = beta * avg + (1 - beta) * x
+        expected.append(avg / (1 - beta ** (i + 1)))
+    np.testing.assert_allclose(smooth_losses(losses, beta), expected)
+    assert smooth_losses(losses, beta)[0] == 3.0
+
+
+# --- the range test ----------------------------------------------------------------------------
+def test_range_test_trains_each_step_at_its_rate_of_the_exponential_schedule():
+    model = nn.Linear(1, 2)
+    optimizer = RecordingSGD(model.parameters(), lr=0.5)
+    result = range_test(model, optimizer, one_batch(), loss_fn=ScriptedLoss([1.0] * 20),
+                        start_lr=1e-4, end_lr=1.0, num_steps=20)
+    np.testing.assert_allclose(optimizer.used, np.geomspace(1e-4, 1.0, 20))
+    np.testing.assert_allclose(result.lrs, np.geomspace(1e-4, 1.0, 20))
+    assert optimizer.param_groups[0]["lr"] == 0.5, "the optimizer's own rate must come back after the test"
+
+
+def test_range_test_stops_at_the_first_step_past_4_times_the_minimum_and_keeps_it():
+    values = [1.0] * 30 + [1.0 + k for k in range(1, 60)]
+    result = range_test(nn.Linear(1, 2), torch.optim.SGD(nn.Linear(1, 2).parameters(), lr=0.1), one_batch(),
+                        loss_fn=ScriptedLoss(values), num_steps=len(values))
+    expected = smooth_losses(values)
+    stop = next(i for i in range(len(values)) if expected[i] > 4 * expected[:i + 1].min())
+    assert stop == 43
+    assert result.diverged and result.steps == stop + 1
+    np.testing.assert_allclose(result.smoothed, expected[:stop + 1])
+    np.testing.assert_allclose(result.losses, values[:stop + 1])
+
+
+def test_range_test_without_divergence_runs_every_step_and_does_not_stop_on_a_constant_loss():
+    model = nn.Linear(1, 2)
+    result = range_test(model, torch.optim.SGD(model.parameters(), lr=0.1), one_batch(),
+                        loss_fn=ScriptedLoss([2.0] * 50), num_steps=50)
+    # Without bias correction the average starts near 0 and "passes 4x its minimum" by step 4.
+    assert result.steps == 50 and not result.diverged
+    np.testing.assert_allclose(result.smoothed, 2.0)
+
+
+def test_range_test_stops_when_the_loss_is_not_finite():
+    model = nn.Linear(1, 2)
+    result = range_test(model, torch.optim.SGD(model.parameters(), lr=0.1), one_batch(),
+                        loss_fn=ScriptedLoss([1.0] * 10 + [math.inf] + [1.0] * 9), num_steps=20)
+    assert result.diverged and result.steps == 11
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda p: torch.optim.Adam(p, lr=3e-4, weight_decay=1e-4),
+    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+], ids=["adam", "sgd-nesterov"])
+def test_range_test_restores_weights_buffers_grads_and_optimizer_state_bit_for_bit(make_optimizer):
+    model = small_net(batch_norm=True)
+    optimizer = make_optimizer(model.parameters())
+    batches = digits_batches()
+    for xb, yb in batches[:3]:  # a model mid-training: optimizer state and BN statistics exist
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        optimizer.step()
+    model.eval()
+    before = snapshot(model, optimizer)
+    result = range_test(model, optimizer, batches, start_lr=1e-5, end_lr=10, num_steps=60)
+    assert result.steps > 10, "the test must actually have trained for this check to mean anything"
+    assert not model.training, "the train/eval mode must come back too"
+    assert_same_tensors(snapshot(model, optimizer), before)
+    # ...and the restored optimizer still drives the model's own parameters.
+    xb, yb = batches[0]
+    w = model[0].weight.detach().clone()
+    nn.functional.cross_entropy(model(xb), yb).backward()
+    optimizer.step()
+    assert not torch.equal(model[0].weight, w)
+
+
+def test_range_test_restores_the_model_even_when_training_raises():
+    model = small_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model, optimizer)
+
+    def failing_loss(preds, target, calls=[]):
+        calls.append(1)
+        if len(calls) > 5:
+            raise RuntimeError("boom")
+        return nn.functional.cross_entropy(preds, target)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        range_test(model, optimizer, digits_batches(), loss_fn=failing_loss, start_lr=0.1, end_lr=10, num_steps=20)
+    assert_same_tensors(snapshot(model, optimizer), before)
+
+
+def test_range_test_reiterates_data_shorter_than_the_test_and_rejects_empty_data():
+    model = small_net()
+    result = range_test(model, torch.optim.SGD(model.parameters(), lr=0.1), digits_batches()[:3],
+                        start_lr=1e-5, end_lr=1e-3, num_steps=10)
+    assert result.steps == 10
+    with pytest.raises(ValueError, match="no batches"):
+        range_test(model, torch.optim.SGD(model.parameters(), lr=0.1), [], num_steps=10)
+
+
+# --- the suggestion rules ----------------------------------------------------------------------
+def test_minimum_rule_is_the_rate_at_the_lowest_loss_divided_by_10():
+    lrs, losses = known_curve()
+    assert suggest_minimum(lrs, losses) == pytest.approx(lrs[30] / 10)
+
+
+def test_steepest_rule_is_the_most_negative_slope_against_log_rate():
+    lrs, losses = known_curve()
+    assert suggest_steepest(lrs, losses) == pytest.approx(lrs[21])
+
+
+def test_valley_rule_lies_about_halfway_along_the_longest_descent():
+    lrs, losses = known_curve()
+    assert suggest_valley(lrs, losses) == pytest.approx(lrs[19])
+
+
+def test_valley_rule_matches_fastais_two_loop_definition_on_random_curves():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(3, 60))
+        lrs = np.geomspace(1e-6, 1.0, n)
+        losses = np.round(rng.normal(size=n).cumsum(), 1)  # rounding makes ties, which must not count
+        assert suggest_valley(lrs, losses) == fastai_valley_reference(lrs, losses), losses
+
+
+def test_suggestions_skip_a_tenth_of_the_planned_steps_and_the_last_5_points():
+    lrs, losses = known_curve()
+    padded_lrs = np.geomspace(1e-5, 10.0, 61)
+    padded = np.concatenate([np.full(10, 9.0), losses, np.full(10, 0.01)])  # junk the trim must remove
+    result = RangeTest(padded_lrs, padded, padded, True, 0.0, {"num_steps": 100})
+    assert result.default_skips() == (10, 5)
+    kept = result.suggest(skip_end=10)
+    assert kept["minimum/10"] == pytest.approx(padded_lrs[10 + 30] / 10)
+    assert kept["valley"] == pytest.approx(padded_lrs[10 + 19])
+
+
+def test_plot_marks_every_suggestion_on_a_log_axis():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    lrs, losses = known_curve()
+    result = RangeTest(lrs, losses, losses, False, 0.0, {"num_steps": 41})
+    suggestions = result.suggest(skip_start=0, skip_end=0)
+    ax = plot_range_test(result, suggestions)
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert ax.get_xscale() == "log"
+    for name in ("minimum/10", "steepest", "valley"):
+        assert any(label.startswith(name) for label in labels), labels
+
+
+# --- cross-check with the torch-lr-finder package ----------------------------------------------
+CROSS_CHECK_FACTOR = 2.0
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
+def test_finder_suggests_within_a_factor_of_2_of_torch_lr_finder_on_the_same_model_data_and_seed(optimizer_name):
+    """Same initial weights, batches, schedule (1e-6..10, 100 steps) and stop (4x): steepest and minimum/10 agree.
+
+    The packages differ only in how the average starts (torch-lr-finder starts it at the first loss,
+    without bias correction), so the curves agree once the average has warmed up; the valley rule,
+    which reads the whole early curve, is not compared.
+    """
+    import matplotlib
+    from torch_lr_finder import LRFinder
+
+    matplotlib.use("Agg")
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    dataset = torch.utils.data.TensorDataset(torch.tensor(x / 16, dtype=torch.float32), torch.tensor(y))
+
+    def loader():
+        return torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, drop_last=True,
+                                           generator=torch.Generator().manual_seed(0))
+
+    def setup():
+        model = small_net(seed=0, batch_norm=False)
+        opt = (torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9) if optimizer_name == "sgd"
+               else torch.optim.Adam(model.parameters(), lr=1e-6))
+        return model, opt
+
+    ours = range_test(*setup(), loader(), start_lr=1e-6, end_lr=10, num_steps=100).suggest()
+    model, opt = setup()
+    finder = LRFinder(model, opt, nn.CrossEntropyLoss())
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        finder.range_test(loader(), start_lr=1e-6, end_lr=10, num_iter=100, smooth_f=0.02, diverge_th=4)
+        _, their_steepest = finder.plot(skip_start=10, skip_end=5, suggest_lr=True)
+    lrs, losses = np.array(finder.history["lr"][10:-5]), np.array(finder.history["loss"][10:-5])
+    theirs = {"steepest": their_steepest, "minimum/10": suggest_minimum(lrs, losses)}
+    for rule, lr in theirs.items():
+        ratio = max(ours[rule] / lr, lr / ours[rule])
+        assert ratio <= CROSS_CHECK_FACTOR, f"{rule}: fasttrain {ours[rule]:.3g} vs torch-lr-finder {lr:.3g}"
+
+
+# --- the brute-force sweep ----------------------------------------------------------------------
+def test_lr_sweep_trains_every_rate_from_the_same_initial_weights():
+    batches = digits_batches()
+    train, valid = batches[:20], batches[20:]
+    rows = lr_sweep(lambda: small_net(batch_norm=False), lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+                    train, valid, [0.05, 0.05, 1e-9], epochs=1, seed=3)
+    assert [r["lr"] for r in rows] == [0.05, 0.05, 1e-9]
+    assert rows[0]["valid_loss"] == rows[1]["valid_loss"], "the same rate from the same seed must give the same run"
+    assert rows[0]["valid_acc"] > rows[2]["valid_acc"], "a sensible rate must beat a rate of 1e-9 after one epoch"
+    assert all(r["seconds"] > 0 for r in rows)
