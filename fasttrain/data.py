@@ -130,9 +130,7 @@ def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, source:
               "source": source, "stamp": _stamp(source, split)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a data cache may be read by everyone
     try:
         torch.save(record, tmp)
         os.replace(tmp, path)
@@ -274,7 +272,7 @@ def load_cifar10(split: str = "train", root: str | os.PathLike | None = None,
     images, labels, source = _load_from_source(split, root, download)
     try:
         _write_cache(cache, images, labels, source, split)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
         warnings.warn(f"Could not write the CIFAR-10 cache {cache} ({exc}); loading will stay slow. "
                       f"Set {CACHE_ENV_VAR} to a writable folder.", stacklevel=2)
     return images.to(device), labels.to(device)

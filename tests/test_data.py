@@ -162,6 +162,37 @@ def test_read_only_root_puts_the_cache_in_fasttrain_cache(npz_root, tmp_path):
         os.chmod(npz_root, 0o755)
 
 
+def test_unwritable_cache_warns_and_still_returns_the_data(npz_root, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.warns(UserWarning, match="Could not write the CIFAR-10 cache"):
+        images, labels = load_cifar10("test", root=npz_root, download=False)
+    assert torch.equal(labels, _source(npz_root, "test")[1])
+    assert not cache_path("test", npz_root).exists()
+    assert sorted(p.name for p in npz_root.iterdir()) == ["test.npz", "train.npz"], "no temporary file left behind"
+
+
+def test_download_goes_to_fasttrain_cache_when_the_root_is_read_only(tmp_path, monkeypatch):
+    images, labels = _fake_split(10, 6)
+
+    class Downloaded:
+        def __init__(self, root, train, download):
+            self.data, self.targets = images, labels.tolist()
+
+    calls = _fake_torchvision(monkeypatch, Downloaded)
+    root = tmp_path / "readonly"
+    root.mkdir()
+    os.chmod(root, 0o555)
+    try:
+        load_cifar10("test", root=root, download=True)
+    finally:
+        os.chmod(root, 0o755)
+    assert calls == [(str(tmp_path / "cache" / "cifar10"), False, True)]
+    assert list(root.iterdir()) == []
+
+
 def test_torchvision_folder_layout_is_read(tmp_path):
     root = tmp_path / "tv"
     folder = root / "cifar-10-batches-py"
