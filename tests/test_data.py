@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain import data
-from fasttrain.data import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, ENV_VAR, CacheCorruptWarning, CacheStaleWarning,
-                            DeviceLoader,
-                            augment, balanced_subset, cache_path, cifar10_loaders, data_root, load_cifar10,
-                            load_digits, normalize, random_crop, random_flip)
+from fasttrain.data import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, ENV_VAR, CacheCorruptWarning,
+                            CacheStaleWarning, DeviceLoader, augment, balanced_subset, cache_path, cifar10_loaders,
+                            data_root, load_cifar10, load_digits, normalize, random_crop, random_flip)
+
 
 def _fake_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """n random uint8 NHWC images with labels cycling through the 10 classes, shuffled."""
