@@ -1,0 +1,93 @@
+"""Drive the real nbgrader: release a chapter, submit variants of it, autograde them, read the scores."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _nbgrader(args: list[str], course: Path, timeout: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # nbgrader shells out to alembic
+    cmd = [str(BIN / "nbgrader"), *args, f"--CourseDirectory.root={course}",
+           "--CourseDirectory.source_directory=source", "--CourseDirectory.release_directory=release",
+           f"--Execute.timeout={timeout}"]
+    proc = subprocess.run(cmd, cwd=course, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nbgrader {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def replace_solutions(nb: nbformat.NotebookNode, replacements: dict[str, str]) -> nbformat.NotebookNode:
+    """A copy of `nb` whose solution cells named in `replacements` (by grade id) get new sources."""
+    nb = nbformat.from_dict(nb)
+    found = set()
+    for cell in nb.cells:
+        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if gid in replacements:
+            cell.source = replacements[gid]
+            found.add(gid)
+    missing = set(replacements) - found
+    if missing:
+        raise KeyError(f"No cells with grade ids {sorted(missing)}")
+    return nb
+
+
+def solution_source(slug: str, grade_id: str) -> str:
+    """The source of a solution cell of the chapter's source notebook (to build wrong variants from)."""
+    nb = nbformat.read(str(ROOT / "solutions" / slug / f"{slug}.ipynb"), as_version=4)
+    for cell in nb.cells:
+        if cell.metadata.get("nbgrader", {}).get("grade_id") == grade_id:
+            return cell.source
+    raise KeyError(f"{slug} has no cell {grade_id!r}")
+
+
+def grade_variants(slug: str, variants: dict[str, dict[str, str]], timeout: int = 60,
+                   keep: Path | None = None) -> dict[str, dict[str, float]]:
+    """Autograde the solution, the blank release copy and each variant; return scores per student.
+
+    `variants` maps a student name to {grade_id: source replacing that solution cell}: each
+    variant is the released (student) notebook with every solution cell answered as in the
+    source, then the named cells replaced, i.e. a student who got all but those right. The result maps each student ("solution", "blank" and the
+    variants) to {"total": ..., "max": ..., grade_id: score, ...}.
+    """
+    from nbgrader.api import Gradebook
+
+    course = Path(tempfile.mkdtemp(prefix=f"grade_{slug}_", dir=keep))
+    try:
+        shutil.copytree(ROOT / "solutions" / slug, course / "source" / slug)
+        _nbgrader(["generate_assignment", slug, "--force"], course, timeout)
+        released = nbformat.read(str(course / "release" / slug / f"{slug}.ipynb"), as_version=4)
+        source = nbformat.read(str(course / "source" / slug / f"{slug}.ipynb"), as_version=4)
+        answered = replace_solutions(released, {
+            c.metadata["nbgrader"]["grade_id"]: c.source for c in source.cells
+            if c.metadata.get("nbgrader", {}).get("solution")})
+        students = {"solution": source, "blank": released}
+        for name, replacements in variants.items():
+            students[name] = replace_solutions(answered, replacements)
+        for name, nb in students.items():
+            folder = course / "submitted" / name / slug
+            folder.mkdir(parents=True)
+            nbformat.write(nb, str(folder / f"{slug}.ipynb"))
+        _nbgrader(["autograde", slug, "--force"], course, timeout)
+        scores: dict[str, dict[str, float]] = {}
+        with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+            for name in students:
+                sub = gb.find_submission_notebook(slug, slug, name)
+                entry = {"total": sub.score, "max": sub.max_score}
+                for grade in sub.grades:
+                    entry[grade.name] = grade.score
+                scores[name] = entry
+        return scores
+    finally:
+        if keep is None:
+            shutil.rmtree(course, ignore_errors=True)

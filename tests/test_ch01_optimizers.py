@@ -1,0 +1,79 @@
+"""Chapter 1: the optimizers exercise is graded right by real nbgrader, and the smoke run reaches its targets."""
+
+import pytest
+import torch
+
+from chapters import execute_chapter
+from grading import grade_variants, solution_source
+
+SLUG = "01_optimizers"
+
+
+def _edit(grade_id: str, old: str, new: str) -> dict[str, str]:
+    """A wrong variant: the solution cell `grade_id` with `old` replaced by `new` (which must occur)."""
+    src = solution_source(SLUG, grade_id)
+    assert old in src, f"{old!r} not found in the solution of {grade_id}: update this test"
+    return {grade_id: src.replace(old, new)}
+
+
+WRONG = {
+    # Adam without bias correction: m and v are used as they are.
+    "adam_no_bias_correction": _edit("adam", "m_hat = m / (1 - beta1 ** t)\n                v_hat = v / (1 - beta2 ** t)",
+                                     "m_hat = m\n                v_hat = v"),
+    # AdamW whose decay is added to the gradient (coupled, i.e. Adam's L2) instead of applied to the weights.
+    "adamw_coupled_decay": _edit("adamw", "g = p.grad\n                p.mul_(1 - group[\"lr\"] * group[\"weight_decay\"])",
+                                 "g = p.grad + group[\"weight_decay\"] * p"),
+    # Momentum whose step uses the raw gradient instead of the velocity.
+    "momentum_raw_gradient": _edit("sgd_momentum", "p.add_(state[\"momentum_buffer\"], alpha=-group[\"lr\"])",
+                                   "p.add_(g, alpha=-group[\"lr\"])"),
+    # Adam with one step count for the whole optimizer instead of one per parameter.
+    "adam_shared_step_count": _edit("adam", "state[\"step\"] += 1\n                t = state[\"step\"]",
+                                    "state[\"step\"] += 1\n                self._t = getattr(self, \"_t\", 0) + 1\n                t = self._t"),
+    # A student's infinite loop: the cell is interrupted at the timeout, scores 0, grading goes on.
+    "rmsprop_infinite_loop": {"rmsprop": solution_source(SLUG, "rmsprop").replace(
+        "for group in self.param_groups:", "while True:\n            pass\n        for group in self.param_groups:", 1)},
+}
+
+
+@pytest.fixture(scope="module")
+def scores():
+    return grade_variants(SLUG, WRONG, timeout=20)
+
+
+def test_solution_gets_full_marks(scores):
+    assert scores["solution"]["total"] == scores["solution"]["max"] == 10
+
+
+def test_blank_student_copy_scores_zero(scores):
+    assert scores["blank"]["total"] == 0
+
+
+@pytest.mark.parametrize("variant,test_id", [
+    ("adam_no_bias_correction", "test_adam"),
+    ("adamw_coupled_decay", "test_adamw"),
+    ("momentum_raw_gradient", "test_sgd_momentum"),
+    ("adam_shared_step_count", "test_adam"),
+])
+def test_typical_mistake_loses_the_points_of_its_test(scores, variant, test_id):
+    s = scores[variant]
+    assert s[test_id] == 0, f"{variant} should fail {test_id}: {s}"
+    others = [k for k in ("test_sgd_momentum", "test_rmsprop", "test_adam", "test_adamw") if k != test_id]
+    assert all(s[k] > 0 for k in others), f"{variant} should lose only {test_id}'s points: {s}"
+
+
+def test_infinite_loop_scores_zero_on_its_cell_and_grading_goes_on(scores):
+    s = scores["rmsprop_infinite_loop"]
+    # the loop sits in the solution cell: its test cell then fails (RMSprop undefined)
+    assert s["test_rmsprop"] == 0
+    assert s["test_adam"] > 0 and s["test_adamw"] > 0
+
+
+def test_smoke_run_reaches_its_targets_and_records_them():
+    _, record = execute_chapter(SLUG)
+    assert record["chapter"] == SLUG and record["profile"] == "smoke"
+    assert record["passed"] is True, record
+    metrics = {m["metric"]: m for m in record["metrics"]}
+    assert set(metrics) == {"adam_epochs_to_fit_100", "digits_test_accuracy"}
+    assert all(m["passed"] for m in metrics.values())
+    for key in ("device", "wall_seconds", "torch_version", "fasttrain_version", "date"):
+        assert record[key]

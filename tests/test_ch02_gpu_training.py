@@ -1,0 +1,247 @@
+"""Chapter 2 (training on the GPU): the speed library, the device check, the exercises' solutions
+against the library, and the exercises' grading."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fasttrain import speed
+from fasttrain.data import normalize
+from fasttrain.train import Learner, Metrics
+
+SLUG = "02_gpu_training"
+SOURCE = Path(__file__).resolve().parent.parent / "solutions" / SLUG / f"{SLUG}.ipynb"
+
+
+def tiny_model() -> nn.Module:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 10))
+
+
+def limited(limit: int) -> speed.SimulatedMemoryLimit:
+    return speed.SimulatedMemoryLimit(tiny_model(), max_batch=limit)
+
+
+def solution_namespace(*grade_ids: str) -> dict:
+    """Execute the named solution cells of the chapter (in notebook order) and return their namespace."""
+    nb = nbformat.read(SOURCE, as_version=4)
+    cells = {c.metadata.get("nbgrader", {}).get("grade_id"): c.source for c in nb.cells}
+    missing = [g for g in grade_ids if g not in cells]
+    assert not missing, f"solution cells {missing} not found in {SOURCE}"
+    namespace = {"torch": torch, "nn": nn, "F": F, "math": math}
+    for grade_id in grade_ids:
+        exec(compile(cells[grade_id], f"{SLUG}:{grade_id}", "exec"), namespace)
+    return namespace
+
+
+# ---------------------------------------------------------------------------------------------
+# The device check the chapter demonstrates
+# ---------------------------------------------------------------------------------------------
+
+def test_learner_refuses_a_model_on_the_cpu_with_a_batch_elsewhere():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    xb, yb = torch.randn(4, 3, 2, 2, device="meta"), torch.zeros(4, dtype=torch.long, device="meta")
+    with pytest.raises(RuntimeError, match=r"model is on cpu but the batch is on meta.*model\.to\(device\)"):
+        Learner(model, [(xb, yb)]).fit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# fasttrain.speed: the out-of-memory probe
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("limit,start,margin", [(300, 16, 0.9), (1000, 16, 0.9), (5000, 16, 0.9), (4096, 16, 0.5),
+                                                (777, 5, 0.8), (37, 64, 0.9), (1, 16, 0.9)])
+def test_largest_batch_size_is_the_limit_times_the_margin(limit, start, margin):
+    got = speed.largest_batch_size(limited(limit), "cpu", (3, 4, 4), start=start, max_batch=16384, margin=margin)
+    assert got == max(1, int(limit * margin))
+
+
+def test_largest_batch_size_stops_at_max_batch_when_everything_fits():
+    model = limited(10**9)
+    assert speed.largest_batch_size(model, "cpu", (3, 4, 4), start=16, max_batch=1000, margin=0.9) == 900
+    assert max(model.tried) == 1000
+
+
+def test_largest_batch_size_needs_about_two_log2_probes():
+    model = limited(5000)
+    speed.largest_batch_size(model, "cpu", (3, 4, 4), start=16, max_batch=16384)
+    assert len(model.tried) <= 2 * math.ceil(math.log2(16384 / 16)) + 2
+
+
+def test_largest_batch_size_raises_when_not_even_one_image_fits():
+    with pytest.raises(RuntimeError, match="Not even a batch of 1"):
+        speed.largest_batch_size(limited(0), "cpu", (3, 4, 4))
+
+
+def test_largest_batch_size_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="margin"):
+        speed.largest_batch_size(limited(10), "cpu", margin=1.5)
+    with pytest.raises(ValueError, match="start"):
+        speed.largest_batch_size(limited(10), "cpu", start=64, max_batch=32)
+
+
+def test_fits_in_memory_lets_errors_other_than_out_of_memory_through():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            raise ValueError("shape bug")
+
+    with pytest.raises(ValueError, match="shape bug"):
+        speed.fits_in_memory(Broken(), 4, "cpu")
+
+
+def test_fits_in_memory_clears_the_gradients_of_its_probe():
+    model = limited(50)
+    assert speed.fits_in_memory(model, 10, "cpu", (3, 4, 4))
+    assert not speed.fits_in_memory(model, 51, "cpu", (3, 4, 4))
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# fasttrain.speed: throughput, the sweep, the switches table
+# ---------------------------------------------------------------------------------------------
+
+def test_training_throughput_runs_warmup_then_timed_steps_and_updates_the_model():
+    model = limited(10**6)
+    before = [p.detach().clone() for p in model.parameters()]
+    rate = speed.training_throughput(model, speed.random_batches(8, "cpu", (3, 4, 4)), "cpu",
+                                     steps=3, warmup=2, repeats=2)
+    assert math.isfinite(rate) and rate > 0
+    assert model.tried == [8] * (2 + 3 * 2)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_training_throughput_rejects_empty_batches():
+    with pytest.raises(ValueError, match="empty"):
+        speed.training_throughput(tiny_model(), [], "cpu", steps=1, warmup=0)
+
+
+def test_batch_size_sweep_records_the_first_out_of_memory_and_stops():
+    made = []
+
+    def make():
+        made.append(limited(20))
+        return made[-1]
+
+    rows = speed.batch_size_sweep(make, [8, 16, 32, 64], "cpu", images_per_point=16, min_steps=1, warmup=0,
+                                  input_shape=(3, 4, 4))
+    assert [r["batch_size"] for r in rows] == [8, 16, 32]
+    assert [r["oom"] for r in rows] == [False, False, True]
+    assert all(r["images_per_s"] > 0 for r in rows[:2]) and math.isnan(rows[2]["images_per_s"])
+    assert len(made) == 3
+
+
+def test_speed_switch_table_on_the_cpu_measures_what_applies_and_marks_gpu_only_rows():
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (32,))
+    rows = speed.speed_switch_table(tiny_model, images, labels, "cpu", batch_size=8, steps=1, warmup=0,
+                                    skipped_reason="not timed here")
+    status = {r["switch"]: r["status"] for r in rows}
+    assert [r["switch"] for r in rows] == list(speed.SWITCHES)
+    assert status == {"baseline": "measured", "channels_last": "measured", "autocast": "GPU only",
+                      "tf32": "GPU only", "cudnn_benchmark": "GPU only", "compile": "not timed here",
+                      "dataloader": "measured", "all": "measured"}
+    by_switch = {r["switch"]: r for r in rows}
+    assert by_switch["baseline"]["speedup"] == 1.0
+    assert all(r["images_per_s"] > 0 for r in rows if r["status"] == "measured")
+    assert all(math.isnan(r["images_per_s"]) for r in rows if r["status"] != "measured")
+
+
+def test_switch_applies_knows_which_switches_need_a_gpu():
+    assert speed.switch_applies("channels_last", "cpu") and speed.switch_applies("dataloader", "cpu")
+    assert not speed.switch_applies("tf32", "cpu") and not speed.switch_applies("cudnn_benchmark", "cpu")
+    assert not speed.switch_applies("autocast", "cpu")
+    assert speed.switch_applies("tf32", "cuda") and speed.switch_applies("autocast", "cuda")
+    with pytest.raises(ValueError, match="Unknown speed switch"):
+        speed.switch_applies("turbo", "cpu")
+
+
+def test_backend_flags_set_tf32_and_benchmark_then_restore_them():
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+             torch.backends.cudnn.benchmark)
+    with speed.backend_flags(tf32=True, cudnn_benchmark=True):
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        assert torch.backends.cudnn.benchmark is True
+    with speed.backend_flags(tf32=False):
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+            torch.backends.cudnn.benchmark) == saved
+
+
+def test_dataloader_batches_are_normalised_like_the_device_path():
+    images = torch.randint(0, 256, (12, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(12)
+    loader = speed.dataloader_batches(images, labels, batch_size=4, device="cpu")
+    assert len(loader) == 3
+    for xb, yb in loader:
+        assert xb.dtype == torch.float32 and xb.shape == (4, 3, 4, 4)
+        torch.testing.assert_close(xb, normalize(images[yb]))
+
+
+def test_format_table_writes_markdown_with_formats_and_dashes_for_nan():
+    text = speed.format_table([{"a": "x", "b": 1234.5, "c": float("nan")}], {"a": "A", "b": "B", "c": "C"},
+                              {"b": ".1f"})
+    assert text.splitlines() == ["| A | B | C |", "|---|---|---|", "| x | 1234.5 | - |"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The exercises' solutions agree with the library
+# ---------------------------------------------------------------------------------------------
+
+def test_epoch_metrics_solution_agrees_with_the_learners_metrics_on_an_uneven_epoch():
+    EpochMetrics = solution_namespace("epoch_metrics")["EpochMetrics"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    x, y = torch.randn(23, 3, 2, 2), torch.randint(0, 4, (23,))
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 23, 8)]      # 8, 8, 7
+    learner = Learner(model, [], batches, torch.optim.SGD(model.parameters(), lr=0.0))
+    record = learner.fit(1)[0]
+    ours = EpochMetrics()
+    model.eval()
+    with torch.no_grad():
+        for xb, yb in batches:
+            logits = model(xb)
+            ours.update(F.cross_entropy(logits, yb), logits, yb)
+    result = ours.compute()
+    assert result["acc"] == pytest.approx(record["valid_acc"], abs=1e-9)
+    assert result["loss"] == pytest.approx(record["valid_loss"], rel=1e-6)
+    assert isinstance(learner.callbacks[0], Metrics)
+
+
+def test_train_epoch_solution_gives_the_learners_training_metrics():
+    ns = solution_namespace("epoch_metrics", "train_epoch")
+    x, y = torch.randn(30, 3, 2, 2), torch.randint(0, 3, (30,))
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 30, 8)]
+    results = []
+    for run in ("exercise", "learner"):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        if run == "exercise":
+            results.append(ns["train_epoch"](model, batches, opt))
+        else:
+            rec = Learner(model, batches, None, opt).fit(1)[0]
+            results.append({"loss": rec["train_loss"], "acc": rec["train_acc"]})
+    assert results[0]["acc"] == pytest.approx(results[1]["acc"], abs=1e-9)
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("limit,start,max_batch,margin", [(300, 16, 16384, 0.9), (5000, 16, 16384, 0.9),
+                                                          (37, 64, 16384, 0.9), (10**9, 16, 1024, 0.9),
+                                                          (777, 5, 16384, 0.8)])
+def test_find_largest_batch_solution_agrees_with_the_library(limit, start, max_batch, margin):
+    find_largest_batch = solution_namespace("oom_probe")["find_largest_batch"]
+    yours = find_largest_batch(limited(limit), "cpu", (3, 4, 4), start=start, max_batch=max_batch, margin=margin)
+    library = speed.largest_batch_size(limited(limit), "cpu", (3, 4, 4), start=start, max_batch=max_batch,
+                                       margin=margin)
+    assert yours == library
