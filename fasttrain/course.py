@@ -77,7 +77,26 @@ def run_chapter(slug: str, profile: str = "smoke", out_dir: Path | None = None, 
     return target, time.perf_counter() - start
 
 
-def book_page(executed: Path, record: dict | None) -> nbformat.NotebookNode:
+def repository_url(root: Path | None = None) -> str:
+    """The course repository's URL, from `repository.url` in _config.yml."""
+    import yaml
+
+    config = yaml.safe_load(((root or repo_root()) / "_config.yml").read_text())
+    return config["repository"]["url"].rstrip("/")
+
+
+def launch_links(slug: str, root: Path | None = None) -> str:
+    """Markdown buttons that open the chapter's STUDENT notebook (course/) in Colab and Binder."""
+    url = repository_url(root)
+    owner_repo = url.split("github.com/", 1)[-1]
+    path = f"course/{slug}/{slug}.ipynb"
+    colab = f"https://colab.research.google.com/github/{owner_repo}/blob/main/{path}"
+    binder = f"https://mybinder.org/v2/gh/{owner_repo}/main?labpath={path}"
+    return (f"[![Open the assignment in Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab}) "
+            f"[![Open the assignment in Binder](https://mybinder.org/badge_logo.svg)]({binder})")
+
+
+def book_page(executed: Path, record: dict | None, root: Path | None = None) -> nbformat.NotebookNode:
     """The book's chapter page: the executed notebook with solutions and hidden tests removed, outputs kept."""
     from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions
 
@@ -93,7 +112,7 @@ def book_page(executed: Path, record: dict | None) -> nbformat.NotebookNode:
                 "The exercises' solutions are hidden: open the assignment notebook to write them.*")
     else:
         line = "*This page shows an executed run whose results record was not found.*"
-    note = nbformat.v4.new_markdown_cell(line)
+    note = nbformat.v4.new_markdown_cell(launch_links(executed.stem, root) + "\n\n" + line)
     note.id = "recorded-run"
     title_at = 1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0
     nb.cells.insert(title_at, note)

@@ -1,0 +1,24 @@
+"""The book builds offline with warnings as errors, from the chapters' smoke runs."""
+
+import json
+
+from chapters import execute_chapter
+from fasttrain.course import build_book, chapters
+
+
+def test_book_builds_with_warnings_as_errors_and_shows_every_chapter(repo_root):
+    for slug in chapters(repo_root):
+        execute_chapter(slug)
+    index = build_book(root=repo_root, strict=True)
+    assert index.is_file()
+    html = repo_root / "_build" / "html"
+    for slug in chapters(repo_root):
+        page = html / "book" / "chapters" / f"{slug}.html"
+        assert page.is_file(), f"no page for {slug}"
+        text = page.read_text()
+        assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text
+        assert "data:image/png" in text or "<img" in text, f"{slug}'s page has no figure"
+    results = (html / "book" / "results.html").read_text()
+    for slug in chapters(repo_root):
+        record = json.loads((repo_root / "results" / "smoke" / f"{slug}.json").read_text())
+        assert slug in results and record["metrics"][0]["metric"] in results

@@ -1,0 +1,87 @@
+"""The course's generated files: student notebooks current, no hidden tests or solutions in them, clean sources."""
+
+import re
+import shutil
+
+import nbformat
+import pytest
+
+from fasttrain.course import book_page, chapters, comparable
+from grading import _nbgrader
+
+SOLUTION = re.compile(r"### (BEGIN|END) SOLUTION")
+HIDDEN = re.compile(r"### (BEGIN|END) HIDDEN TESTS")
+
+
+@pytest.fixture(scope="module")
+def regenerated(repo_root, tmp_path_factory):
+    course = tmp_path_factory.mktemp("release")
+    for slug in chapters(repo_root):
+        shutil.copytree(repo_root / "solutions" / slug, course / "source" / slug)
+        _nbgrader(["generate_assignment", slug, "--force"], course, timeout=60)
+    return course / "release"
+
+
+def test_every_chapter_has_a_student_notebook(repo_root):
+    for slug in chapters(repo_root):
+        assert (repo_root / "course" / slug / f"{slug}.ipynb").is_file(), \
+            f"course/{slug} is missing: run `fasttrain release`"
+
+
+def test_student_notebooks_are_current(repo_root, regenerated):
+    for slug in chapters(repo_root):
+        committed = nbformat.read(str(repo_root / "course" / slug / f"{slug}.ipynb"), as_version=4)
+        fresh = nbformat.read(str(regenerated / slug / f"{slug}.ipynb"), as_version=4)
+        assert comparable(committed) == comparable(fresh), \
+            f"course/{slug} is stale (solutions/{slug} changed since): run `fasttrain release` and commit course/"
+
+
+def test_student_notebooks_hold_no_solutions_and_no_hidden_tests(repo_root):
+    for path in (repo_root / "course").glob("*/*.ipynb"):
+        nb = nbformat.read(str(path), as_version=4)
+        for cell in nb.cells:
+            assert not SOLUTION.search(cell.source), f"{path}: a solution region was released"
+            assert not HIDDEN.search(cell.source), f"{path}: hidden tests were released"
+
+
+def test_student_notebooks_have_stubs_for_every_exercise(repo_root):
+    for slug in chapters(repo_root):
+        nb = nbformat.read(str(repo_root / "course" / slug / f"{slug}.ipynb"), as_version=4)
+        solutions = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("solution")]
+        assert solutions, f"{slug} has no exercises"
+        for cell in solutions:
+            assert "YOUR CODE HERE" in cell.source, f"{slug}: exercise {cell.metadata['nbgrader']['grade_id']} has no stub"
+
+
+def test_source_notebooks_are_committed_without_outputs_and_with_stable_ids(repo_root):
+    for slug in chapters(repo_root):
+        nb = nbformat.read(str(repo_root / "solutions" / slug / f"{slug}.ipynb"), as_version=4)
+        ids = [c.get("id") for c in nb.cells]
+        assert all(ids) and len(set(ids)) == len(ids), f"{slug}: every cell needs a unique id"
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, f"{slug}: cell {cell.id} has outputs"
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{slug}: exactly one cell must be tagged `parameters`"
+        for name in ("profile", "device", "data_dir", "seed", "results_dir"):
+            assert re.search(rf"^{name}\s*=", tagged[0].source, re.M), f"{slug}: parameter {name} missing"
+
+
+def test_book_page_hides_solutions_and_hidden_tests_but_keeps_outputs(repo_root, tmp_path):
+    source = nbformat.read(str(repo_root / "solutions" / "01_optimizers" / "01_optimizers.ipynb"), as_version=4)
+    for cell in source.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="kept output\n")]
+    path = tmp_path / "01_optimizers.ipynb"
+    nbformat.write(source, str(path))
+    record = {"profile": "smoke", "device": "cpu", "date": "2026-11-23T00:00:00", "wall_seconds": 1.0,
+              "torch_version": "x"}
+    page = book_page(path, record)
+    text = "\n".join(c.source for c in page.cells)
+    assert not SOLUTION.search(text) and not HIDDEN.search(text)
+    assert "bias correction" not in "".join(c.source for c in page.cells if c.cell_type == "code"
+                                            and "test_adam" == c.get("id")), "hidden test text leaked"
+    assert "YOUR CODE HERE" in text
+    assert all(c.outputs for c in page.cells if c.cell_type == "code")
+    assert "profile `smoke`" in page.cells[1].source
+    assert "colab.research.google.com" in page.cells[1].source and "course/01_optimizers" in page.cells[1].source
