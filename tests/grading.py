@@ -52,13 +52,14 @@ def solution_source(slug: str, grade_id: str) -> str:
 
 
 def grade_variants(slug: str, variants: dict[str, dict[str, str]], timeout: int = 60,
-                   keep: Path | None = None) -> dict[str, dict[str, float]]:
+                   keep: Path | None = None, feedback: bool = False) -> dict[str, dict[str, float]]:
     """Autograde the solution, the blank release copy and each variant; return scores per student.
 
     `variants` maps a student name to {grade_id: source replacing that solution cell}: each
     variant is the released (student) notebook with every solution cell answered as in the
     source, then the named cells replaced, i.e. a student who got all but those right. The result maps each student ("solution", "blank" and the
-    variants) to {"total": ..., "max": ..., grade_id: score, ...}.
+    variants) to {"total": ..., "max": ..., grade_id: score, ...}. With `feedback`, nbgrader
+    also generates each student's HTML feedback, and its path is under the key "feedback".
     """
     from nbgrader.api import Gradebook
 
@@ -87,6 +88,11 @@ def grade_variants(slug: str, variants: dict[str, dict[str, str]], timeout: int 
                 for grade in sub.grades:
                     entry[grade.name] = grade.score
                 scores[name] = entry
+        if feedback:
+            _nbgrader(["generate_feedback", slug, "--force"], course, timeout)
+            for name in students:
+                html = course / "feedback" / name / slug / f"{slug}.html"
+                scores[name]["feedback"] = html.read_text() if html.is_file() else None
         return scores
     finally:
         if keep is None:

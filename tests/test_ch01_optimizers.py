@@ -37,7 +37,7 @@ WRONG = {
 
 @pytest.fixture(scope="module")
 def scores():
-    return grade_variants(SLUG, WRONG, timeout=20)
+    return grade_variants(SLUG, WRONG, timeout=20, feedback=True)
 
 
 def test_solution_gets_full_marks(scores):
@@ -59,6 +59,11 @@ def test_typical_mistake_loses_the_points_of_its_test(scores, variant, test_id):
     assert s[test_id] == 0, f"{variant} should fail {test_id}: {s}"
     others = [k for k in ("test_sgd_momentum", "test_rmsprop", "test_adam", "test_adamw") if k != test_id]
     assert all(s[k] > 0 for k in others), f"{variant} should lose only {test_id}'s points: {s}"
+
+
+def test_feedback_is_generated_for_every_submission(scores):
+    for name, s in scores.items():
+        assert s["feedback"] and "test_adam" in s["feedback"], f"no feedback for {name}"
 
 
 def test_infinite_loop_scores_zero_on_its_cell_and_grading_goes_on(scores):
