@@ -245,3 +245,149 @@ def test_find_largest_batch_solution_agrees_with_the_library(limit, start, max_b
     library = speed.largest_batch_size(limited(limit), "cpu", (3, 4, 4), start=start, max_batch=max_batch,
                                        margin=margin)
     assert yours == library
+
+
+# ---------------------------------------------------------------------------------------------
+# Grading: real nbgrader on the solution, the blank copy and typical mistakes
+# ---------------------------------------------------------------------------------------------
+
+def _edit(grade_id: str, old: str, new: str) -> str:
+    """The solution cell `grade_id` with `old` replaced by `new` (which must occur)."""
+    from grading import solution_source
+
+    src = solution_source(SLUG, grade_id)
+    assert old in src, f"{old!r} not found in the solution of {grade_id}: update this test"
+    return src.replace(old, new)
+
+
+def _metrics_variant(acc: str, loss: str) -> str:
+    """EpochMetrics that keeps per-batch values in lists and averages them (the journal's kind of bug)."""
+    return f'''class EpochMetrics:
+    def __init__(self):
+        self.correct, self.sizes, self.losses = [], [], []
+
+    def update(self, loss, logits, targets):
+        self.correct.append(float((logits.argmax(1) == targets).sum()))
+        self.sizes.append(targets.shape[0])
+        self.losses.append(float(loss))
+
+    def compute(self):
+        n = len(self.sizes)
+        return {{"acc": {acc}, "loss": {loss}}}
+'''
+
+
+RIGHT_LOSS = "sum(l * s for l, s in zip(self.losses, self.sizes)) / sum(self.sizes)"
+RIGHT_ACC = "sum(self.correct) / sum(self.sizes)"
+MEAN_OF_SUMS = "sum(self.correct) / n"
+MEAN_OF_MEANS_ACC = "sum(c / s for c, s in zip(self.correct, self.sizes)) / n"
+MEAN_OF_MEANS_LOSS = "sum(self.losses) / n"
+
+SECOND_PASS = '''def train_epoch(model, batches, optimizer):
+    model.train()
+    for xb, yb in batches:
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    metrics = EpochMetrics()
+    with torch.no_grad():
+        for xb, yb in batches:
+            logits = model(xb)
+            metrics.update(F.cross_entropy(logits, yb), logits, yb)
+    return metrics.compute()
+'''
+
+# Each student makes two unrelated mistakes (one per exercise group), to keep the number of
+# autograded notebooks small; the expected zeros name the tests that must catch them.
+WRONG = {
+    # The journal's bug (mean of per-batch correct counts) and a probe that only doubles.
+    "sums_and_doubling_only": ({
+        "epoch_metrics": _metrics_variant(MEAN_OF_SUMS, RIGHT_LOSS),
+        "oom_probe": _edit("oom_probe", "    while bad - good > 1:", "    while False:"),
+    }, {"test_epoch_metrics_accuracy", "test_find_largest_batch"}),
+    # Means of per-batch means (accuracy and loss) and no safety margin.
+    "means_and_no_margin": ({
+        "epoch_metrics": _metrics_variant(MEAN_OF_MEANS_ACC, MEAN_OF_MEANS_LOSS),
+        "oom_probe": _edit("oom_probe", "return max(1, int(good * margin))", "return good"),
+    }, {"test_epoch_metrics_accuracy", "test_epoch_metrics_loss", "test_find_largest_batch"}),
+    # Right accuracy, loss averaged over batches; after doubling, stepping up one size at a time.
+    "loss_means_and_linear_search": ({
+        "epoch_metrics": _metrics_variant(RIGHT_ACC, MEAN_OF_MEANS_LOSS),
+        "oom_probe": _edit("oom_probe", "    while bad - good > 1:\n",
+                           "    while good + 1 < bad and fits(model, good + 1, device, input_shape):\n"
+                           "        good += 1\n    while False:\n"),
+    }, {"test_epoch_metrics_loss", "test_find_largest_batch"}),
+    # The journal's second pass over the training set, and a probe that swallows every error.
+    "second_pass_and_catch_all": ({
+        "train_epoch": SECOND_PASS,
+        "oom_probe": _edit("oom_probe", "except torch.OutOfMemoryError:", "except Exception:"),
+    }, {"test_train_epoch_one_pass", "test_fits"}),
+}
+TESTS = {"test_epoch_metrics_accuracy": 2, "test_epoch_metrics_loss": 1, "test_train_epoch_one_pass": 2,
+         "test_fits": 1, "test_find_largest_batch": 3}
+
+
+@pytest.fixture(scope="module")
+def scores():
+    from grading import grade_variants
+
+    return grade_variants(SLUG, {name: variant for name, (variant, _) in WRONG.items()}, timeout=60)
+
+
+def test_solution_gets_full_marks_and_the_blank_copy_zero(scores):
+    assert scores["solution"]["total"] == scores["solution"]["max"] == sum(TESTS.values())
+    assert all(scores["solution"][t] == p for t, p in TESTS.items()), scores["solution"]
+    assert scores["blank"]["total"] == 0, scores["blank"]
+
+
+@pytest.mark.parametrize("variant", sorted(WRONG))
+def test_typical_mistakes_lose_the_points_of_their_tests_and_only_those(scores, variant):
+    s = scores[variant]
+    caught = WRONG[variant][1]
+    assert all(s[t] == 0 for t in caught), f"{variant} should score 0 on {sorted(caught)}: {s}"
+    assert all(s[t] == p for t, p in TESTS.items() if t not in caught), f"{variant} lost other points: {s}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The smoke run
+# ---------------------------------------------------------------------------------------------
+
+def _outputs(cell) -> str:
+    parts = []
+    for out in cell.get("outputs", []):
+        parts.append(out.get("text", ""))
+        data = out.get("data", {})
+        parts.append(data.get("text/plain", "") + data.get("text/markdown", ""))
+    return "".join(parts)
+
+
+def test_smoke_run_reaches_its_target_and_records_the_speed_measurements():
+    executed, record = execute_smoke()
+    assert record["chapter"] == SLUG and record["profile"] == "smoke"
+    assert record["passed"] is True, record
+    assert {m["metric"] for m in record["metrics"]} == {"final_cnn_test_accuracy"}
+    extra = record["extra"]
+    assert extra["one_pass_metrics"]["one pass"] > 0 and extra["one_pass_metrics"]["second pass"] > 0
+    assert {r["switch"]: r["status"] for r in extra["speed_switches"]}["tf32"] == "GPU only"
+    sweep = next(iter(extra["batch_size_sweep"].values()))
+    assert [r["batch_size"] for r in sweep] == [4, 16, 64, 256]
+    assert extra["largest_batch"]["simulated limit 3000: yours"] == extra["largest_batch"]["simulated limit 3000: library"]
+
+
+def test_smoke_run_shows_the_device_mismatch_error_the_speed_table_and_the_sweep_plot():
+    executed, _ = execute_smoke()
+    nb = nbformat.read(str(executed), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    text = "\n".join(_outputs(c) for c in code)
+    assert "RuntimeError: The model is on cpu but the batch is on meta" in text
+    assert "| torch.compile | measured only in the full profile" in text
+    assert "| TF32 matmuls and convolutions | GPU only |" in text
+    sweep_cell = next(c for c in code if "batch_size_sweep(" in c.source)
+    assert any("image/png" in out.get("data", {}) for out in sweep_cell.outputs), "the sweep cell drew no plot"
+
+
+def execute_smoke():
+    from chapters import execute_chapter
+
+    return execute_chapter(SLUG)
