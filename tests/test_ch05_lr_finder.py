@@ -340,3 +340,131 @@ def test_lr_sweep_trains_every_rate_from_the_same_initial_weights():
     assert rows[0]["valid_loss"] == rows[1]["valid_loss"], "the same rate from the same seed must give the same run"
     assert rows[0]["valid_acc"] > rows[2]["valid_acc"], "a sensible rate must beat a rate of 1e-9 after one epoch"
     assert all(r["seconds"] > 0 for r in rows)
+
+
+# --- the exercise against the library ------------------------------------------------------------
+def exercise_namespace() -> dict:
+    """The chapter's solution cells (range test and the three rules) run in a namespace of their own."""
+    import itertools
+
+    import torch.nn.functional as F
+    from grading import solution_source
+
+    ns = {"copy": copy, "itertools": itertools, "math": math, "np": np, "torch": torch, "nn": nn, "F": F}
+    for grade_id in ("range_test", "suggest_minimum", "suggest_steepest", "suggest_valley"):
+        exec(solution_source(SLUG, grade_id), ns)
+    return ns
+
+
+def test_exercise_range_test_and_rules_agree_with_the_library_on_the_same_model_data_and_seed():
+    ns = exercise_namespace()
+    batches = digits_batches()
+
+    def setup():
+        model = small_net(seed=0, batch_norm=False)  # without BN this net's loss blows up before 10: the stop is compared too
+        return model, torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+
+    model, opt = setup()
+    before = snapshot(model, opt)
+    lrs, smoothed = ns["range_test"](model, opt, batches, start_lr=1e-6, end_lr=10.0, num_steps=100)
+    after = snapshot(model, opt)
+    assert_same_tensors((after[0], after[2]), (before[0], before[2]))  # the exercise restores weights and optimizer
+    ours = range_test(*setup(), batches, start_lr=1e-6, end_lr=10.0, num_steps=100)
+    assert ours.diverged and len(lrs) == ours.steps
+    np.testing.assert_allclose(lrs, ours.lrs, rtol=1e-12)
+    np.testing.assert_allclose(smoothed, ours.smoothed, rtol=1e-5)
+    skip_start, skip_end = ours.default_skips()
+    kept_lrs, kept = np.asarray(lrs)[skip_start:len(lrs) - skip_end], np.asarray(smoothed)[skip_start:len(lrs) - skip_end]
+    library = ours.suggest()
+    for rule, name in (("minimum/10", "suggest_minimum"), ("steepest", "suggest_steepest"), ("valley", "suggest_valley")):
+        assert ns[name](kept_lrs, kept) == pytest.approx(library[rule], rel=1e-9), rule
+
+
+def test_exercise_rules_agree_with_the_library_on_random_curves():
+    ns = exercise_namespace()
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        n = int(rng.integers(4, 50))
+        lrs = np.geomspace(1e-6, 1.0, n)
+        losses = np.round(rng.normal(size=n).cumsum(), 1)
+        assert ns["suggest_minimum"](lrs, losses) == suggest_minimum(lrs, losses)
+        assert ns["suggest_steepest"](lrs, losses) == suggest_steepest(lrs, losses)
+        assert ns["suggest_valley"](lrs, losses) == suggest_valley(lrs, losses)
+
+
+# --- grading through real nbgrader -----------------------------------------------------------------
+def _edit(grade_id: str, old: str, new: str) -> dict[str, str]:
+    """A wrong variant: the solution cell `grade_id` with `old` replaced by `new` (which must occur)."""
+    from grading import solution_source
+
+    src = solution_source(SLUG, grade_id)
+    assert old in src, f"{old!r} not found in the solution of {grade_id}: update this test"
+    return {grade_id: src.replace(old, new)}
+
+
+def wrong_variants() -> dict[str, dict[str, str]]:
+    return {
+        # The average is used as it is: it starts near 0 and "passes 4x its minimum" within 4 steps.
+        "no_bias_correction": _edit("range_test", "smooth = avg / (1 - beta ** (i + 1))", "smooth = avg"),
+        # The test forgets to put the weights and the optimizer back: the model comes out trained.
+        "leaves_model_trained": _edit("range_test",
+                                      "    model.load_state_dict(saved_model)\n    optimizer.load_state_dict(saved_optimizer)\n",
+                                      ""),
+        # No divergence stop: the test runs all its steps whatever the loss does.
+        "never_stops": _edit("range_test", "        if smooth > stop_factor * lowest:\n            break\n", ""),
+        # A linear instead of an exponential schedule.
+        "linear_schedule": _edit("range_test", "lr = start_lr * (end_lr / start_lr) ** (i / (num_steps - 1))",
+                                 "lr = start_lr + (end_lr - start_lr) * i / (num_steps - 1)"),
+        # The rate at the minimum itself.
+        "minimum_not_divided": _edit("suggest_minimum", "return float(lrs[np.argmin(losses)] / 10)",
+                                     "return float(lrs[np.argmin(losses)])"),
+        # The steepest *rise* instead of the steepest descent.
+        "steepest_rise": _edit("suggest_steepest", "return float(lrs[np.argmin(slope)])",
+                               "return float(lrs[np.argmax(slope)])"),
+    }
+
+
+TESTS = ("test_range_schedule", "test_range_smoothing", "test_range_stop", "test_range_restores",
+         "test_suggest_minimum", "test_suggest_steepest", "test_suggest_valley")
+
+
+@pytest.fixture(scope="module")
+def scores():
+    from grading import grade_variants
+
+    return grade_variants(SLUG, wrong_variants(), timeout=60)
+
+
+def test_solution_gets_full_marks(scores):
+    assert scores["solution"]["total"] == scores["solution"]["max"] == 12
+
+
+def test_blank_student_copy_scores_zero(scores):
+    assert scores["blank"]["total"] == 0
+
+
+@pytest.mark.parametrize("variant,lost,kept", [
+    ("no_bias_correction", ["test_range_smoothing", "test_range_stop"], ["test_range_schedule", "test_range_restores"]),
+    ("leaves_model_trained", ["test_range_restores"], ["test_range_schedule", "test_range_smoothing", "test_range_stop"]),
+    ("never_stops", ["test_range_stop"], ["test_range_schedule", "test_range_smoothing", "test_range_restores"]),
+    ("linear_schedule", ["test_range_schedule"], ["test_range_smoothing", "test_range_stop", "test_range_restores"]),
+    ("minimum_not_divided", ["test_suggest_minimum"], ["test_suggest_steepest", "test_suggest_valley"]),
+    ("steepest_rise", ["test_suggest_steepest"], ["test_suggest_minimum", "test_suggest_valley"]),
+])
+def test_typical_mistake_loses_the_points_of_its_test(scores, variant, lost, kept):
+    s = scores[variant]
+    assert all(s[t] == 0 for t in lost), f"{variant} should fail {lost}: {s}"
+    assert all(s[t] > 0 for t in kept), f"{variant} should keep the points of {kept}: {s}"
+
+
+# --- the smoke run ---------------------------------------------------------------------------------
+def test_smoke_run_trains_at_the_suggested_rate_to_its_target_and_records_the_sweep():
+    from chapters import execute_chapter
+
+    _, record = execute_chapter(SLUG)
+    assert record["chapter"] == SLUG and record["profile"] == "smoke"
+    assert record["passed"] is True, record
+    assert {m["metric"] for m in record["metrics"]} >= {"suggested_lr_test_accuracy"}
+    extra = record["extra"]
+    assert set(extra["suggestions"]) == {"minimum/10", "steepest", "valley"}
+    assert len(extra["sweep"]) >= 5 and extra["finder_seconds"] > 0 and extra["sweep_seconds"] > 0
