@@ -1,0 +1,290 @@
+"""Chapter 6: one-cycle, warm-up, RAdam's rectification, sharpness and the recipe; graded right by real nbgrader."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chapters import execute_chapter
+from grading import grade_variants, solution_source
+
+from fasttrain.recipes import WeightAverage, cpu_recipe, init_whitening, make_net, predict, train_recipe
+from fasttrain.schedules import LinearWarmup, OneCycle, one_cycle, radam_rectification
+from fasttrain.sharpness import top_hessian_eigenvalue
+
+SLUG = "06_one_cycle"
+
+ONE_CYCLE_CASES = [
+    dict(total_steps=100, max_lr=1.0),
+    dict(total_steps=100, max_lr=0.4, pct_start=0.25, anneal_strategy="linear"),
+    dict(total_steps=37, max_lr=2.0, pct_start=0.45, div_factor=10.0, final_div_factor=100.0),
+    dict(total_steps=7, max_lr=1.0, pct_start=0.3),
+    dict(total_steps=100, max_lr=1.0, three_phase=True),
+    dict(total_steps=41, max_lr=3e-3, pct_start=0.35, three_phase=True, anneal_strategy="linear", div_factor=10.0),
+    dict(total_steps=29, max_lr=1.0, pct_start=0.27, three_phase=True, base_momentum=0.8, max_momentum=0.9),
+]
+
+
+def _torch_trace(case: dict, optimizer: str) -> list[tuple[float, float]]:
+    """(lr, momentum) that torch's OneCycleLR sets at steps 0..total_steps (the last step included)."""
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, **case)
+    trace = []
+    for t in range(case["total_steps"] + 1):
+        g = opt.param_groups[0]
+        trace.append((g["lr"], g["momentum"] if optimizer == "sgd" else g["betas"][0]))
+        if t < case["total_steps"]:
+            opt.step()
+            sched.step()
+    return trace
+
+
+# ---------------------------------------------------------------------------------------------
+# The library
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ONE_CYCLE_CASES)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_one_cycle_matches_onecyclelr_at_every_step(case, optimizer):
+    kwargs = {k: v for k, v in case.items() if k != "total_steps"}
+    for step, (lr, mom) in enumerate(_torch_trace(case, optimizer)):
+        mine_lr, mine_mom = one_cycle(step, case["total_steps"], **kwargs)
+        assert math.isclose(mine_lr, lr, rel_tol=1e-12, abs_tol=1e-15), (case, step)
+        assert math.isclose(mine_mom, mom, rel_tol=1e-12), (case, step)
+
+
+def test_onecycle_scheduler_drives_two_param_groups_like_onecyclelr():
+    def make():
+        a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+        return torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9, nesterov=True)
+
+    theirs, mine = make(), make()
+    ref = torch.optim.lr_scheduler.OneCycleLR(theirs, max_lr=[1.0, 0.25], total_steps=50, three_phase=True)
+    ours = OneCycle(mine, [1.0, 0.25], 50, three_phase=True)
+    for _ in range(50):
+        for g1, g2 in zip(theirs.param_groups, mine.param_groups):
+            assert math.isclose(g1["lr"], g2["lr"], rel_tol=1e-12) and math.isclose(g1["momentum"], g2["momentum"])
+        theirs.step(), ref.step(), mine.step(), ours.step()
+
+
+def test_one_cycle_rejects_steps_outside_the_cycle():
+    with pytest.raises(ValueError, match="outside the cycle"):
+        one_cycle(11, 10, 1.0)
+    with pytest.raises(ValueError, match="pct_start"):
+        one_cycle(0, 10, 1.0, pct_start=1.5)
+
+
+@pytest.mark.parametrize("make_inner,unscaled", [
+    (lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9), lambda base, t: base * 0.9 ** t),
+    (lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5), lambda base, t: base * 0.5 ** (t // 3)),
+    (lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20),
+     lambda base, t: base * (1 + math.cos(math.pi * t / 20)) / 2),
+])
+def test_linear_warmup_scales_any_scheduler_without_compounding(make_inner, unscaled):
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = LinearWarmup(make_inner(opt), warmup_steps=5)
+    for t in range(20):
+        want = unscaled(0.1, t) * min(1.0, (t + 1) / 5)
+        assert math.isclose(opt.param_groups[0]["lr"], want, rel_tol=1e-9), t
+        opt.step()
+        sched.step()
+
+
+def test_linear_warmup_rejects_a_zero_length_warmup():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        LinearWarmup(torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0), 0)
+
+
+def test_radam_rectification_is_none_until_rho_exceeds_5_then_tends_to_1():
+    assert [radam_rectification(t) for t in range(1, 6)] == [None] * 5
+    assert math.isclose(radam_rectification(6), 0.0258211128, rel_tol=1e-6)
+    values = [radam_rectification(t) for t in range(6, 5000)]
+    assert all(a < b for a, b in zip(values, values[1:])) and values[-1] > 0.98
+
+
+def test_top_hessian_eigenvalue_matches_the_dense_hessian():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    lam = top_hessian_eigenvalue(model, F.cross_entropy, x, y, iters=300, tol=1e-12)
+    params = list(model.parameters())
+    shapes = [p.shape for p in params]
+    flat = torch.cat([p.detach().flatten() for p in params])
+
+    def loss_of(vector):
+        chunks, i = [], 0
+        for s in shapes:
+            chunks.append(vector[i:i + s.numel()].view(s))
+            i += s.numel()
+        h = torch.tanh(x @ chunks[0].T + chunks[1])
+        return F.cross_entropy(h @ chunks[2].T + chunks[3], y)
+
+    eigenvalues = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flat))
+    top = eigenvalues[eigenvalues.abs().argmax()].item()
+    assert math.isclose(lam, top, rel_tol=1e-6)
+
+
+def test_whitening_layer_decorrelates_patches():
+    torch.manual_seed(0)
+    images = torch.randn(64, 3, 12, 12)
+    images = images + 0.8 * images.roll(1, dims=-1)  # correlated neighbours
+    conv = nn.Conv2d(3, 24, 2, bias=True)
+    init_whitening(conv, images, eps=0.0)
+    out = conv(images)[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = out.T @ out / len(out)
+    assert torch.allclose(cov, torch.eye(12, dtype=torch.float64), atol=1e-3)
+
+
+def test_weight_average_moves_weights_towards_the_average_and_copies_back():
+    model = nn.Linear(3, 2)
+    avg = WeightAverage(model)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    avg.update(model, decay=0.75)
+    assert torch.allclose(model.weight, start + 0.25)
+    assert torch.allclose(avg.average["weight"], start + 0.25)
+
+
+def test_predict_with_mirror_tta_averages_the_two_views():
+    torch.manual_seed(0)
+    net = make_net((8, 8, 8)).eval()
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        want = 0.5 * (net(x) + net(x.flip(-1)))
+    assert torch.allclose(predict(net, x, tta=1), want, atol=1e-6)
+    assert predict(net, x, tta=2).shape == (6, 10)
+    with pytest.raises(ValueError, match="tta"):
+        predict(net, x, tta=3)
+
+
+def test_recipe_runs_end_to_end_and_reports_its_timing():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (300,), generator=gen)
+    cfg = cpu_recipe(widths=(8, 8, 8), epochs=2.0, batch_size=64, ema_start_epoch=0.5, ema_every=1)
+    result = train_recipe(cfg, (x[:256], y[:256], x[256:], y[256:]), "cpu", eval_every=1)
+    assert 0.0 <= result.test_acc <= 1.0 and result.train_seconds > 0
+    assert [r["epoch"] for r in result.history] == [1, 2] and "test_acc_plain" in result.history[0]
+    with pytest.raises(ValueError, match="uint8 NCHW"):
+        train_recipe(cfg, (x.float(), y, x, y), "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# The notebook's exercises agree with the library
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def solutions():
+    namespace = {"math": math, "torch": torch, "nn": nn}
+    for grade_id in ("one_cycle", "linear_warmup", "radam_rect"):
+        exec(solution_source(SLUG, grade_id), namespace)
+    return namespace
+
+
+def test_exercise_one_cycle_agrees_with_the_library(solutions):
+    for case in ONE_CYCLE_CASES:
+        kwargs = {k: v for k, v in case.items() if k != "total_steps"}
+        for step in range(case["total_steps"] + 1):
+            assert solutions["one_cycle_lr"](step, case["total_steps"], **kwargs) == pytest.approx(
+                one_cycle(step, case["total_steps"], **kwargs), rel=1e-12)
+
+
+def test_exercise_warmup_agrees_with_the_library(solutions):
+    traces = []
+    for cls in (solutions["LinearWarmup"], LinearWarmup):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = cls(torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8), 4)
+        trace = []
+        for _ in range(10):
+            trace.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        traces.append(trace)
+    assert traces[0] == pytest.approx(traces[1], rel=1e-12)
+
+
+def test_exercise_rectification_agrees_with_the_library(solutions):
+    for beta2 in (0.99, 0.999):
+        for t in range(1, 300):
+            mine, lib = solutions["radam_rectification"](t, beta2), radam_rectification(t, beta2)
+            assert (mine is None and lib is None) or mine == pytest.approx(lib, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grading with real nbgrader
+# ---------------------------------------------------------------------------------------------
+
+def _edit(grade_id: str, old: str, new: str) -> dict[str, str]:
+    """A wrong variant: the solution cell `grade_id` with `old` replaced by `new` (which must occur)."""
+    src = solution_source(SLUG, grade_id)
+    assert old in src, f"{old!r} not found in the solution of {grade_id}: update this test"
+    return {grade_id: src.replace(old, new)}
+
+
+WRONG = {
+    # cosine and linear annealing swapped
+    "cos_linear_mixup": _edit("one_cycle", 'if anneal_strategy == "cos":', 'if anneal_strategy == "linear":'),
+    # the learning rate cycles but the momentum stays put
+    "no_momentum_cycling": _edit("one_cycle", "return interpolate(lr_a, lr_b, f), interpolate(mom_a, mom_b, f)",
+                                 "return interpolate(lr_a, lr_b, f), max_momentum"),
+    # the first phase ends at pct_start * total_steps instead of one step earlier
+    "phase_end_off_by_one": _edit("one_cycle", "(pct_start * total_steps - 1,", "(pct_start * total_steps,"),
+    # three-phase only: the second phase ends one step late
+    "three_phase_end_off_by_one": _edit("one_cycle", "2 * pct_start * total_steps - 2", "2 * pct_start * total_steps - 1"),
+    # the wrapped scheduler steps on the scaled rates, so recursive schedulers compound the factor
+    "warmup_compounds": _edit("linear_warmup",
+                              'for group, lr in zip(self.optimizer.param_groups, self.unscaled):\n            group["lr"] = lr\n        self.scheduler.step()',
+                              "self.scheduler.step()"),
+    # warm-up factor t / W: the first update gets a zero learning rate
+    "warmup_starts_at_zero": _edit("linear_warmup", "(self.t + 1) / self.warmup_steps", "self.t / self.warmup_steps"),
+    # the rectification computed from the first step, without the rho_t > 5 threshold
+    "rectification_without_threshold": _edit("radam_rect", "    if rho_t <= 5:\n        return None\n", ""),
+}
+
+EXERCISE_TESTS = ("test_one_cycle_two_phase", "test_one_cycle_three_phase", "test_linear_warmup", "test_radam_rect")
+
+
+@pytest.fixture(scope="module")
+def scores():
+    return grade_variants(SLUG, WRONG, timeout=60)
+
+
+def test_solution_gets_full_marks(scores):
+    assert scores["solution"]["total"] == scores["solution"]["max"] == 8
+
+
+def test_blank_student_copy_scores_zero(scores):
+    assert scores["blank"]["total"] == 0
+
+
+@pytest.mark.parametrize("variant,failing", [
+    ("cos_linear_mixup", {"test_one_cycle_two_phase", "test_one_cycle_three_phase"}),
+    ("no_momentum_cycling", {"test_one_cycle_two_phase", "test_one_cycle_three_phase"}),
+    ("phase_end_off_by_one", {"test_one_cycle_two_phase", "test_one_cycle_three_phase"}),
+    ("three_phase_end_off_by_one", {"test_one_cycle_three_phase"}),
+    ("warmup_compounds", {"test_linear_warmup"}),
+    ("warmup_starts_at_zero", {"test_linear_warmup"}),
+    ("rectification_without_threshold", {"test_radam_rect"}),
+])
+def test_typical_mistake_loses_the_points_of_its_test(scores, variant, failing):
+    s = scores[variant]
+    assert all(s[t] == 0 for t in failing), f"{variant} should fail {sorted(failing)}: {s}"
+    assert all(s[t] > 0 for t in EXERCISE_TESTS if t not in failing), f"{variant} should lose only {sorted(failing)}: {s}"
+
+
+def test_smoke_run_reaches_its_targets_and_records_them():
+    _, record = execute_chapter(SLUG)
+    assert record["chapter"] == SLUG and record["profile"] == "smoke"
+    assert record["passed"] is True, record
+    metrics = {m["metric"]: m for m in record["metrics"]}
+    assert set(metrics) == {"recipe_test_acc"}
+    runs = record["extra"]["adam_runs"]
+    assert len(runs) == 10, "5 seeds with and without warm-up"
+    for key in ("device", "wall_seconds", "torch_version", "fasttrain_version", "date"):
+        assert record[key]
