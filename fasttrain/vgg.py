@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 # (number of 3x3 convolutions, output channels) per block.
-VGG_SMALL = ((1, 32), (1, 64), (1, 128))
+VGG_SMALL = ((1, 16), (1, 32), (1, 64))  # the smoke profile's net: quick on a CPU
 VGG_CIFAR = ((2, 64), (2, 128), (2, 256), (2, 512))
 
 
