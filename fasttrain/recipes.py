@@ -38,12 +38,17 @@ from .schedules import OneCycle
 
 @dataclass(frozen=True)
 class RecipeConfig:
-    """The recipe's knobs; the defaults are the GPU recipe (about 94% in 10 epochs)."""
+    """The recipe's knobs; the defaults are the GPU recipe (aimed at 94% or more in 10 epochs).
+
+    airbench94 reaches 94.0% on average with widths 64/256/256 and lr 11.5 in 9.9 epochs; the
+    defaults here take airbench95's wider net (128/384/384) and lower rate (10.0), for a margin
+    above 94% at 10 epochs.
+    """
 
     epochs: float = 10.0
     batch_size: int = 1024
-    widths: tuple[int, int, int] = (64, 256, 256)
-    lr: float = 11.5                # per 1024 examples, decoupled from momentum
+    widths: tuple[int, int, int] = (128, 384, 384)
+    lr: float = 10.0                # per 1024 examples, decoupled from momentum
     momentum: float = 0.85
     weight_decay: float = 0.0153    # per 1024 examples, decoupled from the learning rate
     bias_lr_scale: float = 64.0     # BatchNorm biases learn this much faster
