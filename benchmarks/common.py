@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import platform
 
 import torch
@@ -32,7 +33,16 @@ def setup(args: argparse.Namespace) -> torch.device:
     dev = get_device(args.device, verbose=False)
     print(f"device: {device_name(dev)} | torch {torch.__version__} | fasttrain {__version__} | "
           f"python {platform.python_version()} | {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(load_line())
     return dev
+
+
+def load_line() -> str:
+    """The machine's load average against its core count: other jobs on a shared CPU slow every number."""
+    if not hasattr(os, "getloadavg"):
+        return "load average: not available on this system"
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
 def load_train_on_device(dev: torch.device, data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor, float]:
