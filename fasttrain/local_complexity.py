@@ -136,6 +136,7 @@ class LocalComplexityMonitor(Callback):
 
     Use it as a `Learner` callback, or call `maybe_measure(model, step)` from a loop of your own.
     `metrics(model)` may return more values (accuracies, losses) logged beside the LC at the same steps.
+    The board gets them at x = step + 1, so that the measure at step 0 shows on a log axis.
     """
 
     order = 15
@@ -160,7 +161,7 @@ class LocalComplexityMonitor(Callback):
             values.update(self.metrics(model))
         self.history.append({"step": step, **values})
         if self.board is not None:
-            self.board.log(step, **values)
+            self.board.log(step + 1, **values)
         return values
 
     def maybe_measure(self, model: nn.Module, step: int) -> dict | None:

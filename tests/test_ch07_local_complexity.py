@@ -10,10 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from chapters import execute_chapter
 from fasttrain.local_complexity import (LocalComplexityMonitor, count_sign_changes, cross_polytope,
                                         first_layer_closed_form, local_complexity, log_spaced_steps,
                                         orthonormal_directions)
 from fasttrain.regions import activation_patterns, plot_regions, region_ids
+from grading import grade_variants, solution_source
 
 SLUG = "07_local_complexity"
 
@@ -124,7 +126,7 @@ def test_monitor_measures_at_the_chosen_steps_and_logs_to_the_board():
                                  n_directions=4, board=board, metrics=lambda m: {"acc": 0.5})
     measured = [s for s in range(8) if mon.maybe_measure(model, s) is not None]
     assert measured == [0, 5]
-    assert [x for x, _ in board.rows] == [0, 5]
+    assert [x for x, _ in board.rows] == [1, 6], "the board gets step + 1 (a log axis cannot show step 0)"
     assert set(board.rows[0][1]) == {"lc_train", "lc_random", "acc"}
     steps, values = mon.series("lc_train")
     assert steps.tolist() == [0, 5] and values[0] == values[1]
@@ -147,3 +149,107 @@ def test_regions_of_a_hand_built_network_are_its_quadrants():
     fig, ax = plt.subplots()
     assert plot_regions(model, ax, xlim=(-1, 1), ylim=(-1, 1), resolution=64) == 4
     plt.close(fig)
+
+
+# --- the exercises agree with the library ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exercises():
+    """The chapter's solution cells, executed: random_orthonormal_directions, cross_polytope_vertices, ..."""
+    namespace = {"torch": torch, "nn": nn}
+    for grade_id in ("cross_polytope", "count_sign_changes", "mlp_lc"):
+        exec(solution_source(SLUG, grade_id), namespace)
+    return namespace
+
+
+def test_exercise_lc_agrees_with_the_library_on_a_deep_mlp(exercises):
+    model = random_mlp(64, 80, 4, 5)
+    x = torch.rand(60, 64, dtype=torch.float64) * (torch.rand(60, 64, dtype=torch.float64) > 0.6)
+    v = exercises["random_orthonormal_directions"](64, 12, seed=2)
+    assert torch.allclose(v @ v.T, torch.eye(12, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(exercises["cross_polytope_vertices"](x, v, 0.2), cross_polytope(x, v, 0.2))
+    assert torch.equal(exercises["mlp_local_complexity"](model, x, v, 0.2).double(),
+                       local_complexity(model, x, 0.2, directions=v).double())
+
+
+def test_exercise_sign_count_agrees_with_the_library(exercises):
+    pre = torch.randn(20, 8, 5, 3, 3)
+    assert torch.equal(exercises["count_sign_changes"](pre.flatten(2)), count_sign_changes(pre))
+
+
+# --- grading: real nbgrader on the solution, the blank copy and typical mistakes --------------------
+
+def _edit(grade_id: str, old: str, new: str) -> dict[str, str]:
+    """A wrong variant: the solution cell `grade_id` with `old` replaced by `new` (which must occur)."""
+    src = solution_source(SLUG, grade_id)
+    assert old in src, f"{old!r} not found in the solution of {grade_id}: update this test"
+    return {grade_id: src.replace(old, new)}
+
+
+QR = "q, _ = torch.linalg.qr(torch.randn(dim, n, generator=gen, dtype=torch.float64))\n    return q.T"
+WRONG = {
+    # Random unit vectors, not orthogonalised.
+    "unit_not_orthogonal": _edit("cross_polytope", QR,
+                                 "g = torch.randn(n, dim, generator=gen, dtype=torch.float64)\n"
+                                 "    return g / g.norm(dim=1, keepdim=True)"),
+    # Raw Gaussian directions: neither unit length nor orthogonal.
+    "raw_gaussian_directions": _edit("cross_polytope", QR,
+                                     "return torch.randn(n, dim, generator=gen, dtype=torch.float64)"),
+    # Only the vertices x + r v_p, no mirrored x - r v_p.
+    "only_plus_vertices": _edit("cross_polytope",
+                                "torch.cat([x[:, None, :] + step, x[:, None, :] - step], dim=1)",
+                                "x[:, None, :] + step"),
+    # Counting after the ReLU by value: a neuron that is on at every vertex counts when its value varies.
+    "count_relu_values": _edit("count_sign_changes", "signs = torch.sign(pre)", "signs = torch.relu(pre)"),
+    # Hooks that read each hidden linear layer's input (the previous ReLU's output, or the raw input).
+    "hooks_after_relu": _edit("mlp_lc", "outputs.append(out)", "outputs.append(inputs[0])"),
+    # The output layer counted too.
+    "counts_output_layer": _edit("mlp_lc", "isinstance(m, nn.Linear)][:-1]", "isinstance(m, nn.Linear)]"),
+}
+TESTS = ("test_cross_polytope", "test_count_sign_changes", "test_mlp_lc")
+
+
+@pytest.fixture(scope="module")
+def scores():
+    return grade_variants(SLUG, WRONG, timeout=60)
+
+
+def test_solution_gets_full_marks(scores):
+    assert scores["solution"]["total"] == scores["solution"]["max"] == 7, scores["solution"]
+
+
+def test_blank_student_copy_scores_zero(scores):
+    assert scores["blank"]["total"] == 0, scores["blank"]
+
+
+@pytest.mark.parametrize("variant,test_id", [
+    ("unit_not_orthogonal", "test_cross_polytope"),
+    ("raw_gaussian_directions", "test_cross_polytope"),
+    ("only_plus_vertices", "test_cross_polytope"),
+    ("count_relu_values", "test_count_sign_changes"),
+    ("hooks_after_relu", "test_mlp_lc"),
+    ("counts_output_layer", "test_mlp_lc"),
+])
+def test_typical_mistake_loses_the_points_of_its_test(scores, variant, test_id):
+    s = scores[variant]
+    assert s[test_id] == 0, f"{variant} should fail {test_id}: {s}"
+    earlier = TESTS[:TESTS.index(test_id)]  # later exercises build on earlier ones, earlier ones must not suffer
+    assert all(s[k] > 0 for k in earlier), f"{variant} should not lose the points of {earlier}: {s}"
+
+
+def test_non_orthonormal_directions_cost_only_the_cross_polytope_points(scores):
+    s = scores["unit_not_orthogonal"]
+    assert s["test_count_sign_changes"] > 0 and s["test_mlp_lc"] > 0, s
+
+
+# --- the smoke run ----------------------------------------------------------------------------------
+
+def test_smoke_run_is_exact_against_the_closed_form_and_finishes():
+    _, record = execute_chapter(SLUG)
+    assert record["chapter"] == SLUG and record["profile"] == "smoke"
+    assert record["passed"] is True, record
+    metrics = {m["metric"]: m for m in record["metrics"]}
+    assert metrics["lc_first_layer_mismatches"]["value"] == 0
+    assert metrics["grok_steps_completed"]["value"] == 1
+    assert record["extra"]["grokking_reproduced"] in (True, False)
+    assert set(record["extra"]["runs"]) == {"plain", "batchnorm", "30% noisy labels"}
