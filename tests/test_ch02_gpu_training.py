@@ -58,25 +58,25 @@ def test_learner_refuses_a_model_on_the_cpu_with_a_batch_elsewhere():
 @pytest.mark.parametrize("limit,start,margin", [(300, 16, 0.9), (1000, 16, 0.9), (5000, 16, 0.9), (4096, 16, 0.5),
                                                 (777, 5, 0.8), (37, 64, 0.9), (1, 16, 0.9)])
 def test_largest_batch_size_is_the_limit_times_the_margin(limit, start, margin):
-    got = speed.largest_batch_size(limited(limit), "cpu", (3, 4, 4), start=start, max_batch=16384, margin=margin)
+    got = speed.largest_batch_size(limited(limit), "cpu", (3, 2, 2), start=start, max_batch=16384, margin=margin)
     assert got == max(1, int(limit * margin))
 
 
 def test_largest_batch_size_stops_at_max_batch_when_everything_fits():
     model = limited(10**9)
-    assert speed.largest_batch_size(model, "cpu", (3, 4, 4), start=16, max_batch=1000, margin=0.9) == 900
+    assert speed.largest_batch_size(model, "cpu", (3, 2, 2), start=16, max_batch=1000, margin=0.9) == 900
     assert max(model.tried) == 1000
 
 
 def test_largest_batch_size_needs_about_two_log2_probes():
     model = limited(5000)
-    speed.largest_batch_size(model, "cpu", (3, 4, 4), start=16, max_batch=16384)
+    speed.largest_batch_size(model, "cpu", (3, 2, 2), start=16, max_batch=16384)
     assert len(model.tried) <= 2 * math.ceil(math.log2(16384 / 16)) + 2
 
 
 def test_largest_batch_size_raises_when_not_even_one_image_fits():
     with pytest.raises(RuntimeError, match="Not even a batch of 1"):
-        speed.largest_batch_size(limited(0), "cpu", (3, 4, 4))
+        speed.largest_batch_size(limited(0), "cpu", (3, 2, 2))
 
 
 def test_largest_batch_size_rejects_bad_arguments():
@@ -101,8 +101,8 @@ def test_fits_in_memory_lets_errors_other_than_out_of_memory_through():
 
 def test_fits_in_memory_clears_the_gradients_of_its_probe():
     model = limited(50)
-    assert speed.fits_in_memory(model, 10, "cpu", (3, 4, 4))
-    assert not speed.fits_in_memory(model, 51, "cpu", (3, 4, 4))
+    assert speed.fits_in_memory(model, 10, "cpu", (3, 2, 2))
+    assert not speed.fits_in_memory(model, 51, "cpu", (3, 2, 2))
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -113,7 +113,7 @@ def test_fits_in_memory_clears_the_gradients_of_its_probe():
 def test_training_throughput_runs_warmup_then_timed_steps_and_updates_the_model():
     model = limited(10**6)
     before = [p.detach().clone() for p in model.parameters()]
-    rate = speed.training_throughput(model, speed.random_batches(8, "cpu", (3, 4, 4)), "cpu",
+    rate = speed.training_throughput(model, speed.random_batches(8, "cpu", (3, 2, 2)), "cpu",
                                      steps=3, warmup=2, repeats=2)
     assert math.isfinite(rate) and rate > 0
     assert model.tried == [8] * (2 + 3 * 2)
@@ -133,7 +133,7 @@ def test_batch_size_sweep_records_the_first_out_of_memory_and_stops():
         return made[-1]
 
     rows = speed.batch_size_sweep(make, [8, 16, 32, 64], "cpu", images_per_point=16, min_steps=1, warmup=0,
-                                  input_shape=(3, 4, 4))
+                                  input_shape=(3, 2, 2))
     assert [r["batch_size"] for r in rows] == [8, 16, 32]
     assert [r["oom"] for r in rows] == [False, False, True]
     assert all(r["images_per_s"] > 0 for r in rows[:2]) and math.isnan(rows[2]["images_per_s"])
@@ -241,8 +241,8 @@ def test_train_epoch_solution_gives_the_learners_training_metrics():
                                                           (777, 5, 16384, 0.8)])
 def test_find_largest_batch_solution_agrees_with_the_library(limit, start, max_batch, margin):
     find_largest_batch = solution_namespace("oom_probe")["find_largest_batch"]
-    yours = find_largest_batch(limited(limit), "cpu", (3, 4, 4), start=start, max_batch=max_batch, margin=margin)
-    library = speed.largest_batch_size(limited(limit), "cpu", (3, 4, 4), start=start, max_batch=max_batch,
+    yours = find_largest_batch(limited(limit), "cpu", (3, 2, 2), start=start, max_batch=max_batch, margin=margin)
+    library = speed.largest_batch_size(limited(limit), "cpu", (3, 2, 2), start=start, max_batch=max_batch,
                                        margin=margin)
     assert yours == library
 
@@ -311,12 +311,11 @@ WRONG = {
         "epoch_metrics": _metrics_variant(MEAN_OF_MEANS_ACC, MEAN_OF_MEANS_LOSS),
         "oom_probe": _edit("oom_probe", "return max(1, int(good * margin))", "return good"),
     }, {"test_epoch_metrics_accuracy", "test_epoch_metrics_loss", "test_find_largest_batch"}),
-    # Right accuracy, loss averaged over batches; after doubling, stepping up one size at a time.
-    "loss_means_and_linear_search": ({
+    # Right accuracy, loss averaged over batches; a probe that gives up when `start` does not fit.
+    "loss_means_and_no_halving": ({
         "epoch_metrics": _metrics_variant(RIGHT_ACC, MEAN_OF_MEANS_LOSS),
-        "oom_probe": _edit("oom_probe", "    while bad - good > 1:\n",
-                           "    while good + 1 < bad and fits(model, good + 1, device, input_shape):\n"
-                           "        good += 1\n    while False:\n"),
+        "oom_probe": _edit("oom_probe", "        bad, good = start, None\n",
+                           "        raise RuntimeError(f'a batch of {start} does not fit')\n"),
     }, {"test_epoch_metrics_loss", "test_find_largest_batch"}),
     # The journal's second pass over the training set, and a probe that swallows every error.
     "second_pass_and_catch_all": ({
