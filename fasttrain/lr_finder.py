@@ -251,8 +251,9 @@ def plot_range_test(result: RangeTest, suggestions: dict[str, float] | None = No
         ax.plot([lr], [y], marker=markers.get(name, "D"), color=f"C{k + 1}", ms=9, ls="none",
                 label=f"{name}: {lr:.2g}")
     ax.set_xscale("log")
-    low, high = float(np.min(result.smoothed)), float(result.smoothed[0])
-    ax.set_ylim(low - 0.1 * (high - low + 1e-12), max(high, low) + 0.6 * (high - low + 1e-12))
+    low, start = float(np.min(result.smoothed)), float(result.smoothed[0])
+    span = max(start - low, 0.05 * abs(low), 1e-6)  # show the descent; cut the blow-up off the top
+    ax.set_ylim(low - 0.1 * span, low + 1.6 * span)
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss")
     ax.set_title(title or f"range test: {result.steps} steps" + (", stopped at divergence" if result.diverged else ""))

@@ -284,6 +284,11 @@ def test_plot_marks_every_suggestion_on_a_log_axis():
     assert ax.get_xscale() == "log"
     for name in ("minimum/10", "steepest", "valley"):
         assert any(label.startswith(name) for label in labels), labels
+    low, high = ax.get_ylim()
+    assert low < losses.min() and high >= losses[0], "the descent from the first loss to the minimum must be in view"
+    rising = RangeTest(lrs[:5], np.arange(1.0, 6.0), np.arange(1.0, 6.0), True, 0.0, {"num_steps": 5})
+    low, high = plot_range_test(rising).get_ylim()
+    assert high - low > 0.01, "a curve that never falls still needs a readable axis"
 
 
 # --- cross-check with the torch-lr-finder package ----------------------------------------------
