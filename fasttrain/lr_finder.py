@@ -251,7 +251,8 @@ def plot_range_test(result: RangeTest, suggestions: dict[str, float] | None = No
         ax.plot([lr], [y], marker=markers.get(name, "D"), color=f"C{k + 1}", ms=9, ls="none",
                 label=f"{name}: {lr:.2g}")
     ax.set_xscale("log")
-    low, start = float(np.min(result.smoothed)), float(result.smoothed[0])
+    finite = np.concatenate([result.smoothed, result.losses])
+    low, start = float(np.min(finite[np.isfinite(finite)])), float(result.smoothed[0])
     span = max(start - low, 0.05 * abs(low), 1e-6)  # show the descent; cut the blow-up off the top
     ax.set_ylim(low - 0.1 * span, low + 1.6 * span)
     ax.set_xlabel("learning rate (log scale)")
