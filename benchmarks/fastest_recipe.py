@@ -46,6 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[180.0, 900.0],
                         help="training seconds to size one run each (CPU mode)")
+    parser.add_argument("--epochs", type=float, nargs="+", default=None,
+                        help="run these epoch counts instead of sizing runs from --budgets (CPU mode)")
     parser.add_argument("--widths", type=int, nargs=3, default=None, help="channel widths of the three conv groups")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--gpu", action="store_true", help="run the GPU recipe for its 10 epochs instead of budgets")
@@ -69,12 +71,13 @@ def main() -> None:
             base = replace(base, widths=tuple(args.widths))
         if args.batch_size:
             base = replace(base, batch_size=args.batch_size)
-        rate = images_per_second(base, data, device)
-        print(f"throughput probe: {rate:.0f} training images/s with widths {base.widths}, batch {base.batch_size}")
-        configs = []
-        for budget in args.budgets:
-            epochs = round(budget * rate / len(x_tr), 3)
-            configs.append(replace(base, epochs=epochs, ema_start_epoch=0.3 * epochs))
+        if args.epochs:
+            epoch_counts = args.epochs
+        else:
+            rate = images_per_second(base, data, device)
+            print(f"throughput probe: {rate:.0f} training images/s with widths {base.widths}, batch {base.batch_size}")
+            epoch_counts = [round(budget * rate / len(x_tr), 3) for budget in args.budgets]
+        configs = [replace(base, epochs=e, ema_start_epoch=0.3 * e) for e in epoch_counts]
     for cfg in configs:
         start = time.perf_counter()
         result = train_recipe(cfg, data, device, seed=args.seed,
