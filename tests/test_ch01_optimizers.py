@@ -92,7 +92,7 @@ def test_a_missed_target_fails_the_papermill_run_with_a_message_naming_it(repo_r
         run_chapter(SLUG, "smoke", out_dir=tmp_path, results_dir=tmp_path, parameters={"adam_lr": 1e-7},
                     root=repo_root)
     message = str(err.value)
-    assert "Target missed" in message and "adam_epochs_to_fit_100" in message and "<= 40" in message
+    assert "Target missed" in message and "adam_epochs_to_fit_100" in message and "<= 30" in message
 
 
 def test_an_unknown_profile_fails_the_run_with_a_clear_error(repo_root, tmp_path):

@@ -26,7 +26,7 @@ def test_record_has_what_the_results_page_needs(tmp_path):
                 "torch_version", "date"):
         assert key in saved
     assert saved["passed"] is True and rec["passed"] is True
-    assert {m["metric"]: m["target"] for m in saved["metrics"]} == {"adam_epochs_to_fit_100": 40,
+    assert {m["metric"]: m["target"] for m in saved["metrics"]} == {"adam_epochs_to_fit_100": 30,
                                                                     "digits_test_accuracy": 0.95}
     assert load_records(tmp_path)[0]["chapter"] == "01_optimizers"
 
@@ -41,7 +41,7 @@ def test_missed_target_raises_naming_chapter_metric_value_and_target(tmp_path):
 
 def test_lower_is_better_targets_fail_when_above():
     t = targets_for("01_optimizers", "smoke")["adam_epochs_to_fit_100"]
-    assert t.passed(40) and not t.passed(41) and not t.passed(float("inf")) and not t.passed(float("nan"))
+    assert t.passed(30) and not t.passed(31) and not t.passed(float("inf")) and not t.passed(float("nan"))
 
 
 def test_a_run_that_reports_no_value_for_a_target_is_an_error(tmp_path):
