@@ -132,6 +132,18 @@ def test_monitor_measures_at_the_chosen_steps_and_logs_to_the_board():
     assert steps.tolist() == [0, 5] and values[0] == values[1]
 
 
+def test_monitor_as_a_learner_callback_measures_at_step_zero_and_after_chosen_steps():
+    from fasttrain.train import Learner
+
+    torch.manual_seed(0)
+    model = random_mlp(8, 16, 3, 0, dtype=torch.float32)
+    batches = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(4)]
+    mon = LocalComplexityMonitor({"train": batches[0][0]}, r=0.3, steps=[0, 2, 7], n_directions=4)
+    Learner(model, batches, callbacks=[mon]).fit(2)
+    assert [h["step"] for h in mon.history] == [0, 2, 7]
+    assert model.training, "measuring must leave the model in training mode during fit"
+
+
 # --- the regions picture -------------------------------------------------------------------------
 
 def test_regions_of_a_hand_built_network_are_its_quadrants():
