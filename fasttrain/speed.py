@@ -199,6 +199,9 @@ def speed_switch_table(make_model: Callable[[], torch.nn.Module], images: torch.
     if len(images) < batch_size:
         raise ValueError(f"need at least one full batch: {len(images)} images for batch_size={batch_size}")
     on_device = images.to(device), labels.to(device)
+    # An untimed run first, so the baseline row does not pay the process's one-off costs (thread
+    # pools, allocator, kernel libraries' first calls) that every later row would be spared.
+    _measure_switches(set(), make_model, on_device, device, batch_size, 1, warmup, 1, num_workers)
     rows = []
     for switch in SWITCHES:
         row = {"switch": switch, "label": SWITCH_LABELS[switch], "status": "measured",
