@@ -42,7 +42,9 @@ def load_targets(path: Path | str = TARGETS_CSV) -> list[Target]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     targets = []
-    for row in rows:
+    for line, row in enumerate(rows, start=2):
+        if None in row or any(v is None for v in row.values()):
+            raise ValueError(f"{path}, line {line}: expected 6 fields (quote a meaning that holds commas): {row}")
         if row["direction"] not in (">=", "<="):
             raise ValueError(f"{path}: direction must be '>=' or '<=', got {row['direction']!r} in {row}")
         targets.append(Target(row["chapter"], row["metric"], row["profile"], row["direction"],
