@@ -51,6 +51,13 @@ def solution_source(slug: str, grade_id: str) -> str:
     raise KeyError(f"{slug} has no cell {grade_id!r}")
 
 
+def edit_solution(slug: str, grade_id: str, old: str, new: str) -> str:
+    """A wrong variant's source: the solution cell `grade_id` with `old` (which must occur) replaced by `new`."""
+    src = solution_source(slug, grade_id)
+    assert old in src, f"{old!r} not found in the solution of {grade_id}: update this test"
+    return src.replace(old, new)
+
+
 def grade_variants(slug: str, variants: dict[str, dict[str, str]], timeout: int = 60,
                    keep: Path | None = None, feedback: bool = False) -> dict[str, dict[str, float]]:
     """Autograde the solution, the blank release copy and each variant; return scores per student.

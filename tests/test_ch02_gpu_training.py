@@ -251,13 +251,12 @@ def test_find_largest_batch_solution_agrees_with_the_library(limit, start, max_b
 # Grading: real nbgrader on the solution, the blank copy and typical mistakes
 # ---------------------------------------------------------------------------------------------
 
-def _edit(grade_id: str, old: str, new: str) -> str:
-    """The solution cell `grade_id` with `old` replaced by `new` (which must occur)."""
-    from grading import solution_source
+from grading import edit_solution  # noqa: E402
 
-    src = solution_source(SLUG, grade_id)
-    assert old in src, f"{old!r} not found in the solution of {grade_id}: update this test"
-    return src.replace(old, new)
+
+def _edit(grade_id: str, old: str, new: str) -> str:
+    """A wrong variant of solution cell `grade_id`: `old` replaced by `new`."""
+    return edit_solution(SLUG, grade_id, old, new)
 
 
 def _metrics_variant(acc: str, loss: str) -> str:

@@ -398,13 +398,12 @@ def test_exercise_rules_agree_with_the_library_on_random_curves():
 
 
 # --- grading through real nbgrader -----------------------------------------------------------------
-def _edit(grade_id: str, old: str, new: str) -> dict[str, str]:
-    """A wrong variant: the solution cell `grade_id` with `old` replaced by `new` (which must occur)."""
-    from grading import solution_source
+from grading import edit_solution  # noqa: E402
 
-    src = solution_source(SLUG, grade_id)
-    assert old in src, f"{old!r} not found in the solution of {grade_id}: update this test"
-    return {grade_id: src.replace(old, new)}
+
+def _edit(grade_id: str, old: str, new: str) -> dict[str, str]:
+    """A wrong variant of solution cell `grade_id`: `old` replaced by `new`."""
+    return {grade_id: edit_solution(SLUG, grade_id, old, new)}
 
 
 def wrong_variants() -> dict[str, dict[str, str]]:
