@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .device import Timer, autocast, check_same_device, needs_grad_scaler, seed_everything
+from .train import backward_and_step
 
 SUGGESTION_RULES = ("minimum/10", "steepest", "valley")
 
@@ -207,13 +208,7 @@ def range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: I
                 with autocast(device, enabled=mixed_precision):
                     loss = loss_fn(model(xb), yb)
                 optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                backward_and_step(loss, optimizer, scaler)
                 value = float(loss.detach())
                 avg = beta * avg + (1 - beta) * value
                 smooth = avg / (1 - beta ** (i + 1))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .data import DeviceLoader, normalize
 from .device import Timer, autocast, autocast_dtype, needs_grad_scaler
+from .train import backward_and_step
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -52,13 +53,7 @@ def training_throughput(model: torch.nn.Module, batches: Batches, device: torch.
         xb, yb = next(stream)
         with autocast(device, enabled=mixed_precision):
             loss = loss_fn(model(xb), yb)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
         optimizer.zero_grad(set_to_none=True)
         return yb.shape[0]
 

@@ -138,6 +138,18 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      scaler: "torch.amp.GradScaler | None" = None) -> None:
+    """Backpropagate `loss` and take one optimizer step, through the GradScaler when there is one."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 class Metrics(Callback):
     """Loss and accuracy per epoch, from the training forward pass; correct/total over the whole epoch."""
 
