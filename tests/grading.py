@@ -51,6 +51,13 @@ def solution_source(slug: str, grade_id: str) -> str:
     raise KeyError(f"{slug} has no cell {grade_id!r}")
 
 
+def solution_namespace(slug: str, grade_ids: tuple[str, ...], namespace: dict) -> dict:
+    """Execute the named solution cells of the chapter's source notebook in `namespace`; return it."""
+    for grade_id in grade_ids:
+        exec(solution_source(slug, grade_id), namespace)
+    return namespace
+
+
 def edit_solution(slug: str, grade_id: str, old: str, new: str) -> str:
     """A wrong variant's source: the solution cell `grade_id` with `old` (which must occur) replaced by `new`."""
     src = solution_source(slug, grade_id)

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from chapters import execute_chapter
-from grading import ROOT, edit_solution, grade_variants, solution_source
+from grading import ROOT, edit_solution, grade_variants, solution_namespace, solution_source
 from fasttrain.costs import (format_costs, layer_costs, param_counts, receptive_field, receptive_fields,
                              total_macs)
 from fasttrain.vgg import VGG_CIFAR, VGG_SMALL, VGGNet, materialize, vgg_block, vgg_net
@@ -191,8 +191,7 @@ def test_vgg_net_fits_a_small_batch():
 def exercise():
     """The chapter's three solution functions, executed from the source notebook."""
     namespace = {"torch": torch, "nn": nn}
-    for grade_id in ("layer_params", "receptive_field", "count_macs"):
-        exec(solution_source(SLUG, grade_id), namespace)
+    solution_namespace(SLUG, ("layer_params", "receptive_field", "count_macs"), namespace)
     return namespace
 
 

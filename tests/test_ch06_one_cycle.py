@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chapters import execute_chapter
-from grading import edit_solution, grade_variants, solution_source
+from grading import edit_solution, grade_variants, solution_namespace
 
 from fasttrain.recipes import WeightAverage, cpu_recipe, init_whitening, make_net, predict, train_recipe
 from fasttrain.schedules import LinearWarmup, OneCycle, one_cycle, radam_rectification
@@ -182,8 +182,7 @@ def test_recipe_runs_end_to_end_and_reports_its_timing():
 @pytest.fixture(scope="module")
 def solutions():
     namespace = {"math": math, "torch": torch, "nn": nn}
-    for grade_id in ("one_cycle", "linear_warmup", "radam_rect"):
-        exec(solution_source(SLUG, grade_id), namespace)
+    solution_namespace(SLUG, ("one_cycle", "linear_warmup", "radam_rect"), namespace)
     return namespace
 
 

@@ -15,7 +15,7 @@ from fasttrain.local_complexity import (LocalComplexityMonitor, count_sign_chang
                                         first_layer_closed_form, local_complexity, log_spaced_steps,
                                         orthonormal_directions)
 from fasttrain.regions import activation_patterns, plot_regions, region_ids
-from grading import edit_solution, grade_variants, solution_source
+from grading import edit_solution, grade_variants, solution_namespace
 
 SLUG = "07_local_complexity"
 
@@ -169,8 +169,7 @@ def test_regions_of_a_hand_built_network_are_its_quadrants():
 def exercises():
     """The chapter's solution cells, executed: random_orthonormal_directions, cross_polytope_vertices, ..."""
     namespace = {"torch": torch, "nn": nn}
-    for grade_id in ("cross_polytope", "count_sign_changes", "mlp_lc"):
-        exec(solution_source(SLUG, grade_id), namespace)
+    solution_namespace(SLUG, ("cross_polytope", "count_sign_changes", "mlp_lc"), namespace)
     return namespace
 
 
