@@ -10,7 +10,7 @@ import platform
 import torch
 
 from fasttrain import __version__
-from fasttrain.data import load_cifar10
+from fasttrain.datasets import load_cifar10
 from fasttrain.device import Timer, device_name, get_device
 
 

@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from fasttrain.data import load_cifar10
+from fasttrain.datasets import load_cifar10
 from fasttrain.device import device_name, get_device
 from fasttrain.recipes import GPU_RECIPE, cpu_recipe, train_recipe
 

@@ -5,7 +5,7 @@ the device has a low-precision dtype, Adam) on the same device with the same bat
 same augmentation (random crop with 4 pixels of reflect padding, random flip):
 
 - fast: the 50,000 uint8 images live on the device; crop, flip and normalisation are batched
-  tensor ops there (`fasttrain.data.cifar10_loaders`); no worker processes;
+  tensor ops there (`fasttrain.batches.cifar10_loaders`); no worker processes;
 - dataloader: the PyTorch tutorial's way, a torchvision dataset of PIL images with
   `transforms.RandomCrop/RandomHorizontalFlip/ToTensor/Normalize` applied image by image in
   `DataLoader` workers, each batch copied to the device.
@@ -20,7 +20,8 @@ from PIL import Image
 from torchvision import transforms
 
 from common import base_parser, load_train_on_device, setup
-from fasttrain.data import CIFAR10_MEAN, CIFAR10_STD, cifar10_loaders
+from fasttrain.batches import cifar10_loaders
+from fasttrain.datasets import CIFAR10_MEAN, CIFAR10_STD
 from fasttrain.resnet import count_parameters, resnet9
 from fasttrain.speed import format_table, training_throughput
 

@@ -2,7 +2,7 @@
 
 ResNet-9 (width 1.0 by default on a GPU, 0.25 on a CPU), Adam, one-cycle up to 0.01, weight decay
 1e-4, gradients clipped at 0.1, batches of 400, random crop (reflect) and flip, on the fast data
-path (`fasttrain.resnet.recipe_learner`, `fasttrain.data.cifar10_loaders`). The full test set
+path (`fasttrain.resnet.recipe_learner`, `fasttrain.batches.cifar10_loaders`). The full test set
 is evaluated several times per epoch; the script prints the training time (evaluations
 excluded) and the wall time (included) at which test accuracy first reaches each threshold,
 and stops (after one last evaluation) at the first step that ends past the wall-time budget.
@@ -17,7 +17,7 @@ import time
 import torch
 
 from common import base_parser, load_line, setup
-from fasttrain.data import cifar10_loaders
+from fasttrain.batches import cifar10_loaders
 from fasttrain.device import synchronize
 from fasttrain.resnet import RECIPE, count_parameters, recipe_learner, resnet9
 from fasttrain.speed import format_table

@@ -8,12 +8,12 @@ on reopening. Outside a notebook it prints one log line per record instead.
 from __future__ import annotations
 
 import io
-import math
 import sys
 import time
 
 from matplotlib.figure import Figure
 
+from .tables import format_table
 from .train import Callback
 
 DEFAULT_PANELS = {"loss": ["train_loss", "valid_loss"], "accuracy": ["train_acc", "valid_acc"]}
@@ -158,12 +158,4 @@ def format_history(history: list[dict], keys: list[str] | None = None) -> str:
     if not history:
         return "(empty history)"
     keys = keys or [k for k in history[0] if k != "epoch"]
-    header = "epoch " + " ".join(f"{k:>11}" for k in keys)
-    rows = [header]
-    for rec in history:
-        cells = []
-        for k in keys:
-            v = rec.get(k, math.nan)
-            cells.append(f"{v:>11.4f}" if isinstance(v, float) else f"{v!s:>11}")
-        rows.append(f"{rec['epoch']:>5} " + " ".join(cells))
-    return "\n".join(rows)
+    return format_table(history, {"epoch": "epoch", **{k: k for k in keys}}, {k: ".4f" for k in keys}, markdown=False)

@@ -10,10 +10,15 @@ output. MACs are counted for convolutions and linear layers only, the same opera
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+
+from .hooks import forward_hooks
+from .tables import format_table
+from .train import eval_mode
 
 # Layers that keep the spatial geometry: they do not change a receptive field.
 _POINTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Sigmoid, nn.Tanh,
@@ -138,32 +143,21 @@ def layer_costs(model: nn.Module, x: torch.Tensor) -> list[LayerCost]:
     eval mode for the pass (so BatchNorm statistics are left alone) and back afterwards.
     """
     rows: dict[str, LayerCost] = {}
-    handles = []
+    names = {m: name for name, m in _leaf_modules(model)}
 
-    def hook(name):
-        def record(module, inputs, output):
-            if not isinstance(output, torch.Tensor):
-                return
-            row = rows.get(name)
-            macs, nbytes = layer_macs(module, output), output.numel() * output.element_size()
-            if row is None:  # first call; a layer called twice adds up
-                rows[name] = LayerCost(name, type(module).__name__, tuple(output.shape), 0, macs, nbytes)
-            else:
-                row.macs += macs
-                row.activation_bytes += nbytes
-        return record
+    def record(module, inputs, output):
+        if not isinstance(output, torch.Tensor):
+            return
+        name = names[module]
+        macs, nbytes = layer_macs(module, output), output.numel() * output.element_size()
+        if name not in rows:  # first call; a layer called twice adds up
+            rows[name] = LayerCost(name, type(module).__name__, tuple(output.shape), 0, macs, nbytes)
+        else:
+            rows[name].macs += macs
+            rows[name].activation_bytes += nbytes
 
-    for name, m in _leaf_modules(model):
-        handles.append(m.register_forward_hook(hook(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with forward_hooks(names, record), eval_mode(model), torch.no_grad():
+        model(x)
     counts = param_counts(model)
     for name, row in rows.items():
         row.params = counts.get(name, 0)
@@ -177,14 +171,18 @@ def total_macs(model: nn.Module, x: torch.Tensor) -> int:
 
 def format_costs(rows: Sequence[LayerCost]) -> str:
     """A text table of layer costs (params, MMACs, activation KiB), with a total line."""
-    lines = [f"{'layer':<22}{'kind':<18}{'output':<18}{'params':>10}{'MMACs':>10}{'act KiB':>10}"]
-    for r in rows:
-        shape = "x".join(map(str, r.out_shape[1:]))
-        lines.append(f"{r.name:<22}{r.kind:<18}{shape:<18}{r.params:>10,}{r.macs / 1e6:>10.2f}"
-                     f"{r.activation_bytes / 1024:>10.1f}")
-    lines.append(f"{'total':<58}{sum(r.params for r in rows):>10,}{sum(r.macs for r in rows) / 1e6:>10.2f}"
-                 f"{sum(r.activation_bytes for r in rows) / 1024:>10.1f}")
-    return "\n".join(lines)
+    table = [{"layer": r.name, "kind": r.kind, "output": "x".join(map(str, r.out_shape[1:])), "params": r.params,
+              "mmacs": r.macs / 1e6, "kib": r.activation_bytes / 1024} for r in rows]
+    table.append({"layer": "total", "kind": "", "output": "", "params": sum(r.params for r in rows),
+                  "mmacs": sum(r.macs for r in rows) / 1e6, "kib": sum(r.activation_bytes for r in rows) / 1024})
+    return format_table(table, {"layer": "layer", "kind": "kind", "output": "output", "params": "params",
+                                "mmacs": "MMACs", "kib": "act KiB"},
+                        {"params": ",d", "mmacs": ".2f", "kib": ".1f"}, markdown=False)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters of a model (trainable or not)."""
+    return sum(param_counts(model).values())
 
 
 def plot_layer_costs(rows: Sequence[LayerCost], title: str = ""):
@@ -204,3 +202,98 @@ def plot_layer_costs(rows: Sequence[LayerCost], title: str = ""):
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# What a whole profile costs: FLOPs counted in a dry run, and seconds on named GPUs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Accelerator:
+    """A GPU for the estimate: dense tensor-core peak in fp16/bf16, fp32 peak, host time per operator launch."""
+
+    name: str
+    low_precision_tflops: float
+    fp32_tflops: float
+    launch_us: float
+
+
+# Peaks from the vendors' data sheets (dense, no sparsity). A T4 has no native bf16: the library
+# trains in fp16 with a GradScaler there. `launch_us` is the host's time per operator in eager
+# PyTorch (dispatcher plus kernel launch), which bounds the speed of small models.
+ACCELERATORS = {
+    "T4": Accelerator("NVIDIA T4", 65.0, 8.1, 12.0),
+    "A100": Accelerator("NVIDIA A100 SXM", 312.0, 19.5, 6.0),
+    "H100": Accelerator("NVIDIA H100 SXM", 989.0, 67.0, 5.0),
+}
+UTILISATION = 0.35       # share of the peak that convolutions and matmuls reach in training
+CPU_GFLOPS = 100.0       # a 2-core CPU training convnets in fp32 (measured here: 100 to 130 GFLOP/s)
+ESTIMATES_JSON = Path(__file__).with_name("estimates.json")
+
+
+def _steps_at_profile_batch(entry: dict, overrides: dict) -> float:
+    """Planned steps at the profile's own batch size, undoing a dry run's smaller batch."""
+    steps = entry["planned_steps"]
+    for change in overrides.values():
+        dry, full = change.get("dry_value"), change.get("profile_value")
+        if isinstance(dry, int) and isinstance(full, int) and entry["batch"] == dry and full > dry:
+            return steps * dry / full
+    return steps
+
+
+def summarize_meters(meters, overrides: dict | None = None) -> dict:
+    """FLOPs and estimated seconds of a profile from the cost meters of its dry run."""
+    overrides = overrides or {}
+    entries, totals = [], {"train": 0.0, "eval": 0.0, "other": 0.0}
+    seconds = {name: 0.0 for name in ACCELERATORS}
+    for m in meters:
+        e = m.as_dict()
+        if e["flops_per_step"] is None or e["planned_steps"] == 0:
+            continue
+        per_sample = e["flops_per_step"] / e["batch"] if e["batch"] else None
+        if per_sample is not None and e["planned_samples"]:
+            flops = per_sample * e["planned_samples"]
+        else:
+            flops = e["flops_per_step"] * e["planned_steps"]
+        steps = _steps_at_profile_batch(e, overrides)
+        e.update(total_flops=flops, steps_at_profile_batch=steps)
+        entries.append(e)
+        totals[e["kind"]] += flops
+        for name, gpu in ACCELERATORS.items():
+            peak = gpu.low_precision_tflops if e["low_precision"] else gpu.fp32_tflops
+            compute = flops / (peak * 1e12 * UTILISATION)
+            launches = steps * (e["ops_per_step"] or 0) * gpu.launch_us * 1e-6
+            seconds[name] += max(compute, launches)
+    total = sum(totals.values())
+    return {"entries": entries, "flops": {**totals, "total": total},
+            "seconds": {**seconds, "CPU": total / (CPU_GFLOPS * 1e9)},
+            "assumptions": {"utilisation": UTILISATION, "cpu_gflops": CPU_GFLOPS,
+                            "accelerators": {k: vars(v) for k, v in ACCELERATORS.items()}}}
+
+
+def load_estimates(path: Path = ESTIMATES_JSON) -> dict:
+    """The committed estimates table: {chapter: {profile: {"flops": ..., "seconds": {...}}}} (empty if missing)."""
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def describe_estimate(chapter: str, profile: str = "full") -> str:
+    """One sentence: the profile's FLOPs and its estimated time on each named GPU and on a CPU."""
+    entry = load_estimates().get(chapter, {}).get(profile)
+    if entry is None:
+        return (f"No cost estimate is recorded for {chapter} ({profile}); a dry run measures one: "
+                f"`fasttrain run {chapter} --profile {profile} --dry-run`.")
+    s = entry["seconds"]
+    gpus = ", ".join(f"{_duration(s[name])} on an {name}" if name[0] in "AH" else f"{_duration(s[name])} on a {name}"
+                     for name in ACCELERATORS)
+    return (f"Estimated cost of the {profile} profile: {entry['flops']['total'] / 1e15:.3g} PFLOP, about {gpus} "
+            f"(at {UTILISATION:.0%} of peak), and about {_duration(s['CPU'])} on a CPU at {CPU_GFLOPS:.0f} GFLOP/s.")

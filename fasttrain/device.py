@@ -53,11 +53,52 @@ def seed_everything(seed: int) -> None:
     os.environ["PYTHONHASHSEED"] = str(seed)
 
 
-def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
-    """The low-precision dtype that suits the device: bf16 where supported, fp16 on older GPUs, None on CPU."""
+def default_threads() -> int:
+    """Threads for torch on the CPU: $OMP_NUM_THREADS when set, else the cores this process may use."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+# The dry run of a full profile forces a low-precision dtype on the CPU, so that the bf16 path and
+# the fp16-with-GradScaler path both run on a machine without a GPU (see `fasttrain.runtime`).
+_forced_autocast: dict[str, torch.dtype | None] = {}
+
+
+def force_autocast_dtype(dtype: torch.dtype | None, device_type: str = "cpu") -> None:
+    """Make `autocast_dtype` answer `dtype` for every device of `device_type` (None undoes it)."""
+    if dtype is None:
+        _forced_autocast.pop(device_type, None)
+    elif dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast runs in torch.bfloat16 or torch.float16, not {dtype}")
+    else:
+        _forced_autocast[device_type] = dtype
+
+
+def has_native_bf16(device: torch.device | str) -> bool:
+    """True on a CUDA GPU whose tensor cores compute in bf16 (compute capability 8.0 or more: A100, RTX 30xx, H100).
+
+    `torch.cuda.is_bf16_supported()` also answers True on older GPUs (a T4 or a V100), where bf16
+    is emulated and slow; fp16 with a GradScaler is the fast choice there.
+    """
     device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The low-precision dtype that suits the device: bf16 where the GPU has it natively, else fp16; None on CPU."""
+    device = torch.device(device)
+    if device.type in _forced_autocast:
+        return _forced_autocast[device.type]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if has_native_bf16(device) else torch.float16
     if device.type == "mps":
         return torch.float16
     return None

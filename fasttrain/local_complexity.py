@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .train import Callback
-
-ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.GELU)
+from .hooks import ACTIVATIONS, activation_modules, forward_hooks
+from .train import Callback, eval_mode
 
 
 def orthonormal_directions(dim: int, n: int, seed: int = 0, device: torch.device | str | None = None,
@@ -70,32 +69,6 @@ def first_layer_closed_form(layer: nn.Linear, x: torch.Tensor, directions: torch
     return (a.abs() < reach).sum(dim=1)
 
 
-class _SignChangeHooks:
-    """Forward pre-hooks on activation modules that count sign changes of their input, vertex group by group."""
-
-    def __init__(self, model: nn.Module, n_vertices: int, activations: tuple[type[nn.Module], ...]):
-        self.modules = [m for m in model.modules() if isinstance(m, activations)]
-        if not self.modules:
-            names = ", ".join(a.__name__ for a in activations)
-            raise ValueError(f"The model has no activation modules ({names}). LC hooks the input of each "
-                             f"activation module: build the model with nn.ReLU() modules instead of F.relu calls, "
-                             f"or pass activations=(YourActivation,).")
-        self.n_vertices = n_vertices
-        self.counts: list[torch.Tensor] = []
-
-    def _hook(self, module: nn.Module, inputs: tuple) -> None:
-        pre = inputs[0]
-        self.counts.append(count_sign_changes(pre.reshape(-1, self.n_vertices, *pre.shape[1:])))
-
-    def __enter__(self) -> "_SignChangeHooks":
-        self.handles = [m.register_forward_pre_hook(self._hook) for m in self.modules]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 @torch.no_grad()
 def local_complexity(model: nn.Module, x: torch.Tensor, r: float, n_directions: int = 25, seed: int = 0,
                      batch_size: int = 256, per_layer: bool = False,
@@ -107,18 +80,19 @@ def local_complexity(model: nn.Module, x: torch.Tensor, r: float, n_directions: 
     if directions is None:
         directions = orthonormal_directions(x[0].numel(), n_directions, seed, device=x.device, dtype=x.dtype)
     n_vertices = 2 * directions.shape[0]
-    was_training = model.training
-    model.eval()
+    counts_of_batch: list[torch.Tensor] = []
+
+    def count(module, inputs):
+        pre = inputs[0]
+        counts_of_batch.append(count_sign_changes(pre.reshape(-1, n_vertices, *pre.shape[1:])))
+
     chunks = []
-    try:
-        with _SignChangeHooks(model, n_vertices, activations) as hooks:
-            for start in range(0, x.shape[0], batch_size):
-                xb = x[start:start + batch_size]
-                hooks.counts = []
-                model(cross_polytope(xb, directions, r).reshape(-1, *x.shape[1:]))
-                chunks.append(torch.stack(hooks.counts, dim=1))
-    finally:
-        model.train(was_training)
+    with forward_hooks(activation_modules(model, activations), count, pre=True), eval_mode(model):
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start:start + batch_size]
+            counts_of_batch.clear()
+            model(cross_polytope(xb, directions, r).reshape(-1, *x.shape[1:]))
+            chunks.append(torch.stack(counts_of_batch, dim=1))
     counts = torch.cat(chunks)
     return counts if per_layer else counts.sum(dim=1).float()
 

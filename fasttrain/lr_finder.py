@@ -23,11 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .device import Timer, autocast, check_same_device, needs_grad_scaler, seed_everything
-from .train import backward_and_step
-
-SUGGESTION_RULES = ("minimum/10", "steepest", "valley")
-
+from . import runtime
+from .batches import repeat_forever
+from .device import Timer, check_same_device, seed_everything
+from .step import NonFiniteLossError, TrainStep
 
 # --- the pieces ---------------------------------------------------------------------------
 def exponential_lrs(start_lr: float, end_lr: float, num_steps: int) -> np.ndarray:
@@ -141,17 +140,6 @@ class RangeTest:
         return plot_range_test(self, suggestions, ax=ax, title=title)
 
 
-def _batches_forever(data: Iterable) -> Iterator:
-    """Iterate over `data` again and again (a range test may need more steps than one epoch has)."""
-    while True:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("The range test got no batches: `data` is empty.")
-
-
 def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Copies of everything the range test changes: weights, buffers, gradients, optimizer state, train mode."""
     return {
@@ -191,32 +179,33 @@ def range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: I
     first = next(model.parameters(), None)
     if first is None:
         raise ValueError("The model has no parameters: there is nothing for a range test to train.")
-    device = first.device
-    scaler = torch.amp.GradScaler(device.type) if mixed_precision and needs_grad_scaler(device) else None
+    step = TrainStep(model, optimizer, loss_fn, mixed_precision=mixed_precision, device=first.device,
+                     name="range test")
+    step.meter.plan(num_steps)
     snapshot = _snapshot(model, optimizer)
-    losses, smoothed, avg, best, diverged = [], [], 0.0, math.inf, False
-    batches = _batches_forever(data)
+    losses, best, diverged = [], math.inf, False
+    batches = repeat_forever(data)
     model.train()
     try:
-        with Timer(device) as timer:
-            for i, lr in enumerate(lrs):
+        with Timer(first.device) as timer:
+            for i in range(runtime.cut(num_steps)):
+                lr = float(lrs[i])
                 for group in optimizer.param_groups:
-                    group["lr"] = float(lr)
+                    group["lr"] = lr
                 xb, yb = next(batches)
                 if i == 0:
                     check_same_device(model, xb, yb)
-                with autocast(device, enabled=mixed_precision):
-                    loss = loss_fn(model(xb), yb)
-                optimizer.zero_grad(set_to_none=True)
-                backward_and_step(loss, optimizer, scaler)
-                value = float(loss.detach())
-                avg = beta * avg + (1 - beta) * value
-                smooth = avg / (1 - beta ** (i + 1))
-                losses.append(value)
-                smoothed.append(smooth)
+                try:
+                    _, loss = step(xb, yb)
+                except NonFiniteLossError:
+                    losses.append(float(step.loss.detach()))  # the loss blew up: the test ends on this step
+                    diverged = True
+                    break
+                losses.append(float(loss.detach()))
+                smooth = float(smooth_losses(losses, beta)[-1])
                 best = min(best, smooth)
                 if board is not None:
-                    board.log(float(lr), loss=value, smoothed=smooth)
+                    board.log(lr, loss=losses[-1], smoothed=smooth)
                 if not math.isfinite(smooth) or smooth > stop_factor * best:
                     diverged = True
                     break
@@ -224,8 +213,9 @@ def range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: I
         _restore(model, optimizer, snapshot)
         if board is not None:
             board.close()
+    smoothed = smooth_losses(losses, beta)
     n = len(losses)
-    return RangeTest(lrs[:n].copy(), np.asarray(losses), np.asarray(smoothed), diverged, timer.seconds,
+    return RangeTest(lrs[:n].copy(), np.asarray(losses), smoothed, diverged, timer.seconds,
                      {"start_lr": start_lr, "end_lr": end_lr, "num_steps": num_steps, "beta": beta,
                       "stop_factor": stop_factor})
 
@@ -269,17 +259,16 @@ def lr_sweep(make_model: Callable[[], torch.nn.Module], make_optimizer: Callable
     given, builds a torch LR scheduler stepped after every batch. Each dict holds lr, the final
     train/valid loss and accuracy, and the seconds that training took (device synchronised).
     """
-    from .train import Learner, Scheduler, evaluate
+    from .train import Learner, evaluate
 
     rows = []
     for lr in lrs:
         seed_everything(seed)
         model = make_model()
         optimizer = make_optimizer(model.parameters(), float(lr))
-        callbacks = []
-        if schedule is not None:
-            callbacks.append(Scheduler(schedule(optimizer, epochs * len(train_data))))
-        learner = Learner(model, train_data, None, optimizer, loss_fn, callbacks, mixed_precision=mixed_precision)
+        scheduler = schedule(optimizer, epochs * len(train_data)) if schedule is not None else None
+        learner = Learner(model, train_data, None, optimizer, loss_fn, mixed_precision=mixed_precision,
+                          scheduler=scheduler, name="lr sweep")
         first = next(model.parameters())
         with Timer(first.device) as timer:
             history = learner.fit(epochs)

@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import normalize, random_crop
+from . import runtime
+from .batches import normalize, random_crop
 from .device import autocast, synchronize
+from .step import TrainStep
 from .schedules import OneCycle
 
 
@@ -189,8 +191,13 @@ def predict(model: nn.Module, images: torch.Tensor, tta: int = 0, batch_size: in
         return model(x) if tta == 0 else 0.5 * (model(x) + model(x.flip(-1)))
 
     out = []
+    meter = runtime.meter("eval", "recipe predict")
+    meter.plan(math.ceil(len(images) / batch_size), len(images))
+    if runtime.is_dry_run():  # a few small batches: the same code path at a fraction of the cost
+        batch_size = min(batch_size, 64)
+        images = images[:runtime.cut(len(images), runtime.DRY_STEPS * batch_size)]
     for x in images.split(batch_size):
-        with autocast(device, enabled=mixed_precision):
+        with meter.measure(batch=len(x)), autocast(device, enabled=mixed_precision):
             logits = mirror(x).float()
             if tta == 2:
                 padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
@@ -202,7 +209,9 @@ def predict(model: nn.Module, images: torch.Tensor, tta: int = 0, batch_size: in
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of rows whose largest logit is the label."""
+    """Share of rows whose largest logit is the label (in a dry run, of the few rows predicted)."""
+    if len(logits) != len(labels) and runtime.is_dry_run():
+        labels = labels[:len(logits)]
     return (logits.argmax(1) == labels).float().mean().item()
 
 
@@ -265,7 +274,13 @@ def train_recipe(cfg: RecipeConfig, data: tuple[torch.Tensor, torch.Tensor, torc
     schedule = OneCycle(optimizer, [g["lr"] for g in groups], total_steps, cycle_momentum=False,
                         pct_start=cfg.pct_start, anneal_strategy="linear", div_factor=1 / cfg.start_frac,
                         final_div_factor=cfg.start_frac / cfg.end_frac)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
+    smoothed_sum = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
+    train_step = TrainStep(model, optimizer, lambda logits, y: smoothed_sum(logits.float(), y),
+                           mixed_precision=cfg.mixed_precision, scheduler=schedule, device=device, name="recipe")
+    train_step.meter.plan(total_steps, total_steps * cfg.batch_size)
+    ema_start, ema_every = cfg.ema_start_epoch * steps_per_epoch, cfg.ema_every
+    if runtime.is_dry_run():  # a dry run takes a few steps: average from the first, so that path runs too
+        ema_start, ema_every = 0, 1
 
     train_seconds, step, history, average = 0.0, 0, [], None
     synchronize(device)
@@ -275,36 +290,32 @@ def train_recipe(cfg: RecipeConfig, data: tuple[torch.Tensor, torch.Tensor, torc
     synchronize(device)
     train_seconds += time.perf_counter() - start
 
-    for epoch in range(math.ceil(cfg.epochs)):
+    epochs = runtime.cut(math.ceil(cfg.epochs))
+    for epoch in range(epochs):
         synchronize(device)
         start = time.perf_counter()
         model.train()
         model[0].bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
         x_epoch = epoch_images(train_x, flipped, epoch, cfg.translate, cfg.flip, gen)
         order = torch.randperm(len(train_x), device=device, generator=gen)
-        for b in range(steps_per_epoch):
+        for b in range(runtime.cut(steps_per_epoch)):
             if step >= total_steps:
                 break
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            with autocast(device, enabled=cfg.mixed_precision):
-                loss = loss_fn(model(x_epoch[idx]).float(), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            _, loss = train_step(x_epoch[idx], train_y[idx])
             step += 1
-            if step >= cfg.ema_start_epoch * steps_per_epoch and step % cfg.ema_every == 0:
+            if step >= ema_start and step % ema_every == 0:
                 if average is None:
                     average = WeightAverage(model)
                 else:
-                    decay = cfg.ema_decay ** cfg.ema_every * (step / total_steps) ** cfg.ema_power
+                    decay = cfg.ema_decay ** ema_every * (step / total_steps) ** cfg.ema_power
                     average.update(model, decay)
         if average is not None:
             average.update(model, 1.0)
         synchronize(device)
         train_seconds += time.perf_counter() - start
         record = {"epoch": epoch + 1, "train_seconds": train_seconds, "train_loss": loss.item() / len(idx)}
-        last = epoch == math.ceil(cfg.epochs) - 1
+        last = epoch == epochs - 1
         if eval_every and ((epoch + 1) % eval_every == 0) and not last:
             record["test_acc_plain"] = accuracy(predict(model, test_x, 0, mixed_precision=cfg.mixed_precision), test_y)
         history.append(record)

@@ -6,28 +6,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .local_complexity import ACTIVATIONS
+from .hooks import ACTIVATIONS, activation_modules, forward_hooks
+from .train import eval_mode
 
 
 @torch.no_grad()
 def activation_patterns(model: nn.Module, points: torch.Tensor,
                         activations: tuple[type[nn.Module], ...] = ACTIVATIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """(patterns, outputs): which neurons are on (pre-activation > 0) at each point, shape (N, neurons), and the outputs."""
-    modules = [m for m in model.modules() if isinstance(m, activations)]
-    if not modules:
-        raise ValueError("The model has no activation modules (nn.ReLU, ...): build it with nn.ReLU() modules "
-                         "so that its activation pattern can be read.")
     parts: list[torch.Tensor] = []
-    handles = [m.register_forward_pre_hook(lambda mod, inp: parts.append(inp[0].reshape(inp[0].shape[0], -1) > 0))
-               for m in modules]
-    was_training = model.training
-    model.eval()
-    try:
+
+    def on(module, inputs):
+        parts.append(inputs[0].reshape(inputs[0].shape[0], -1) > 0)
+
+    with forward_hooks(activation_modules(model, activations), on, pre=True), eval_mode(model):
         outputs = model(points)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
     return torch.cat(parts, dim=1), outputs
 
 

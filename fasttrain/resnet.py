@@ -112,11 +112,6 @@ def residual_net(depth: int, width: int = 16, num_classes: int = 10) -> nn.Seque
     return nn.Sequential(*layers)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """The number of trainable parameters of `model`."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 # The recipe of the "CIFAR-10 ResNet: 90% in less than 5 minutes" notebook (Kaggle, kmldas), as the
 # chapter reproduces it: Adam, one-cycle learning rate up to 0.01, weight decay 1e-4, gradients
 # clipped at 0.1 (each value), 8 epochs of batches of 400, random crop (reflect padding) and flip.
@@ -127,7 +122,7 @@ def recipe_learner(model: nn.Module, train_data, valid_data=None, epochs: int = 
                    max_lr: float = RECIPE["max_lr"], weight_decay: float = RECIPE["weight_decay"],
                    grad_clip: float = RECIPE["grad_clip"], callbacks=(), mixed_precision: bool = True):
     """A `Learner` set up with the chapter's recipe: Adam, torch's OneCycleLR over `epochs`, value clipping, timing."""
-    from .train import GradClip, Learner, Scheduler, Timing
+    from .train import Learner, Timing
 
     steps_per_epoch = len(train_data)
     if steps_per_epoch == 0:
@@ -136,4 +131,4 @@ def recipe_learner(model: nn.Module, train_data, valid_data=None, epochs: int = 
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, epochs=epochs,
                                                    steps_per_epoch=steps_per_epoch)
     return Learner(model, train_data, valid_data, optimizer=optimizer, mixed_precision=mixed_precision,
-                   callbacks=[Scheduler(schedule), GradClip(max_value=grad_clip), Timing(), *callbacks])
+                   scheduler=schedule, clip_value=grad_clip, callbacks=[Timing(), *callbacks], name="ResNet-9 recipe")

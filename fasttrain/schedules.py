@@ -101,6 +101,13 @@ class OneCycle:
         """The learning rates last written, one per parameter group."""
         return [g["lr"] for g in self.optimizer.param_groups]
 
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step = state["last_step"] - 1
+        self.step()
+
 
 class LinearWarmup:
     """Scale the learning rates of any scheduler by min(1, (t + 1) / warmup_steps) at step t.
@@ -138,6 +145,15 @@ class LinearWarmup:
     def get_last_lr(self) -> list[float]:
         """The learning rates last written, one per parameter group."""
         return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "unscaled": list(self.unscaled), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.t, self.unscaled = state["t"], list(state["unscaled"])
+        for g, lr in zip(self.optimizer.param_groups, self.unscaled):
+            g["lr"] = lr * self.factor()
 
 
 def radam_rectification(step: int, beta2: float = 0.999) -> float | None:

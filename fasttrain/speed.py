@@ -16,9 +16,11 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .data import DeviceLoader, normalize
-from .device import Timer, autocast, autocast_dtype, needs_grad_scaler
-from .train import backward_and_step
+from . import runtime
+from .batches import DeviceLoader, normalize, repeat_forever
+from .device import Timer, autocast, autocast_dtype
+from .step import TrainStep
+from .tables import format_table
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -45,37 +47,24 @@ def training_throughput(model: torch.nn.Module, batches: Batches, device: torch.
         raise ValueError(f"need steps >= 1, warmup >= 0 and repeats >= 1, got {steps}, {warmup}, {repeats}")
     device = torch.device(device)
     optimizer = optimizer if optimizer is not None else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type) if mixed_precision and needs_grad_scaler(device) else None
+    step = TrainStep(model, optimizer, loss_fn, mixed_precision=mixed_precision, device=device, name="throughput")
+    step.meter.plan(warmup + steps * repeats)
     model.train()
-    stream = _cycle(batches)
+    stream = repeat_forever(batches)
 
-    def step() -> int:
+    def one_step() -> int:
         xb, yb = next(stream)
-        with autocast(device, enabled=mixed_precision):
-            loss = loss_fn(model(xb), yb)
-        backward_and_step(loss, optimizer, scaler)
-        optimizer.zero_grad(set_to_none=True)
+        step(xb, yb)
         return yb.shape[0]
 
-    for _ in range(warmup):
-        step()
+    for _ in range(runtime.cut(warmup, 1)):
+        one_step()
     rates = []
-    for _ in range(repeats):
+    for _ in range(runtime.cut(repeats, 1)):
         with Timer(device) as timer:
-            images = sum(step() for _ in range(steps))
+            images = sum(one_step() for _ in range(runtime.cut(steps, 1)))
         rates.append(images / timer.seconds)
     return statistics.median(rates)
-
-
-def _cycle(batches: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Iterate `batches` again and again (a fresh pass, so a loader reshuffles); fail clearly when it is empty."""
-    while True:
-        empty = True
-        for batch in batches:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the batches to time are empty: give at least one (x, y) batch")
 
 
 def batch_size_sweep(make_model: Callable[[], torch.nn.Module], batch_sizes: Iterable[int],
@@ -230,27 +219,13 @@ def _measure_switches(on: set[str], make_model: Callable[[], torch.nn.Module],
     trained = torch.compile(model) if "compile" in on else model
     if "dataloader" in on:
         inner = dataloader_batches(data[0], data[1], batch_size, device, num_workers)
-        batches = ((xb.contiguous(memory_format=memory_format), yb) for xb, yb in _cycle(inner))
+        batches = ((xb.contiguous(memory_format=memory_format), yb) for xb, yb in repeat_forever(inner))
     else:
         batches = DeviceLoader(data[0], data[1], batch_size, drop_last=True,
                                transform=lambda xb: normalize(xb).contiguous(memory_format=memory_format))
     with backend_flags(tf32="tf32" in on, cudnn_benchmark="cudnn_benchmark" in on):
         return training_throughput(trained, batches, device, steps=steps, warmup=warmup, repeats=repeats,
                                    optimizer=optimizer, mixed_precision="autocast" in on)
-
-
-def format_table(rows: list[dict], columns: dict[str, str], formats: dict[str, str] | None = None) -> str:
-    """A Markdown table of `rows` with `columns` ({key: header}); floats use `formats[key]` (default ',.0f'), NaN shows '-'."""
-    formats = formats or {}
-
-    def cell(key: str, value) -> str:
-        if isinstance(value, float):
-            return "-" if value != value else format(value, formats.get(key, ",.0f"))
-        return str(value)
-
-    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(key, row.get(key, "")) for key in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

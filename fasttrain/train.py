@@ -1,27 +1,49 @@
-"""The training loop: a small `Learner` whose features are callbacks (metrics, timing, clipping, schedules).
+"""The training loop: a small `Learner` whose features are callbacks (metrics, timing, early stop, checkpoints, resume).
 
-The loop calls `before_<event>` / `after_<event>` on its callbacks, sorted by `order`, for the
-events fit, epoch, batch, loss, backward and step. A callback can raise `CancelBatch`,
-`CancelEpoch` or `CancelFit` to cut that stage short.
+Chapter 2 builds this loop step by step. Every batch goes through one `fasttrain.step.TrainStep`
+(autocast, loss, backward, clipping, optimizer and scheduler steps). The loop fires these events
+on its callbacks, sorted by `order`:
 
-Metrics come from the same forward pass as the update (no second pass over the training
-set), and accuracy is correct/total over the whole epoch.
+    before_fit
+      before_epoch
+        before_batch, after_loss, after_backward, after_step, after_batch   (each training batch)
+        before_validate
+          before_batch, after_loss, after_batch                             (each validation batch)
+        after_validate
+      after_epoch
+    after_fit
+
+A callback may raise `CancelBatch`, `CancelEpoch` or `CancelFit` to cut that stage short, or set
+`learner.stop_requested = True` to end training once the current epoch is over (every callback
+still sees that epoch). Metrics come from the same forward pass as the update (no second pass
+over the training set), and accuracy is correct/total over the whole epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import random
+import tempfile
 import time
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .device import autocast, check_same_device, needs_grad_scaler, synchronize
+from . import runtime
+from .device import autocast, check_same_device, synchronize
+from .step import TrainStep
+
+EVENTS = ("before_fit", "before_epoch", "before_batch", "after_loss", "after_backward", "after_step", "after_batch",
+          "before_validate", "after_validate", "after_epoch", "after_fit")
 
 
 class CancelFit(Exception):
-    """Raise in a callback to stop training."""
+    """Raise in a callback to stop training at once."""
 
 
 class CancelEpoch(Exception):
@@ -33,10 +55,21 @@ class CancelBatch(Exception):
 
 
 class Callback:
-    """Base class: override any of before_/after_ fit, epoch, batch, loss, backward, step."""
+    """Base class: define any of the methods named in EVENTS; `order` sorts callbacks (lower runs first)."""
 
     order = 0
     learner: "Learner"
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put `model` in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class Learner:
@@ -45,18 +78,27 @@ class Learner:
     def __init__(self, model: torch.nn.Module, train_data: Iterable, valid_data: Iterable | None = None,
                  optimizer: torch.optim.Optimizer | None = None,
                  loss_fn: Callable = F.cross_entropy, callbacks: Iterable[Callback] = (),
-                 device: torch.device | str | None = None, mixed_precision: bool = False):
+                 device: torch.device | str | None = None, mixed_precision: bool = False,
+                 scheduler=None, clip_norm: float | None = None, clip_value: float | None = None,
+                 name: str = "fit"):
         self.model, self.train_data, self.valid_data = model, train_data, valid_data
         self.optimizer = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=1e-3)
-        self.loss_fn = loss_fn
+        self.loss_fn, self.scheduler = loss_fn, scheduler
         first = next(model.parameters(), None)
         self.device = torch.device(device) if device is not None else (
             first.device if first is not None else torch.device("cpu"))
-        self.mixed_precision = mixed_precision
-        self.scaler = torch.amp.GradScaler(self.device.type) if mixed_precision and needs_grad_scaler(self.device) else None
+        self.step = TrainStep(model, self.optimizer, loss_fn, mixed_precision=mixed_precision, clip_norm=clip_norm,
+                              clip_value=clip_value, scheduler=scheduler, device=self.device, name=name)
+        self._eval_meter = runtime.meter("eval", f"{name} (validation)")
         self.callbacks: list[Callback] = []
         self.history: list[dict] = []
+        self.start_epoch, self.stop_requested = 0, False
         self.add_callbacks([Metrics(), *callbacks])
+
+    @property
+    def n_steps(self) -> int:
+        """Optimizer steps taken so far."""
+        return self.step.steps
 
     # --- callbacks -------------------------------------------------------------------------
     def add_callbacks(self, callbacks: Iterable[Callback]) -> None:
@@ -66,88 +108,91 @@ class Learner:
             self.callbacks.append(cb)
         self.callbacks.sort(key=lambda c: c.order)
 
-    def callback(self, name: str) -> None:
+    def callback(self, event: str) -> None:
+        """Call method `event` of every callback that has one, in order."""
         for cb in self.callbacks:
-            method = getattr(cb, name, None)
+            method = getattr(cb, event, None)
             if method is not None:
                 method()
 
-    def _stage(self, name: str, fn: Callable, cancel: type[Exception]) -> None:
-        try:
-            self.callback(f"before_{name}")
-            fn()
-            self.callback(f"after_{name}")
-        except cancel:
-            pass
-
     # --- the loop --------------------------------------------------------------------------
     def fit(self, epochs: int) -> list[dict]:
-        """Train for `epochs` epochs; return the history (one dict per epoch)."""
-        self.epochs, self.n_steps = epochs, 0
+        """Train for `epochs` epochs (in a dry run: a few steps of at most two); return the history."""
+        self.epochs, self.start_epoch, self.stop_requested = epochs, 0, False
         self._checked_devices = False
+        batches = len(self.train_data) if hasattr(self.train_data, "__len__") else 0
+        self.step.meter.plan(epochs * batches, _samples(self.train_data, epochs))
+        if self.valid_data is not None and hasattr(self.valid_data, "__len__"):
+            self._eval_meter.plan(epochs * len(self.valid_data), _samples(self.valid_data, epochs))
         try:
             self.callback("before_fit")
-            for self.epoch in range(epochs):
-                self.record = {"epoch": self.epoch + 1}
-                self._stage("epoch", self._one_epoch, CancelEpoch)
-                self.history.append(self.record)
+            for self.epoch in range(self.start_epoch, runtime.cut(epochs, runtime.DRY_EPOCHS)):
+                self._epoch()
+                if self.stop_requested:
+                    break
         except CancelFit:
             pass
         finally:
+            self.step.flush()
             self.callback("after_fit")
         return self.history
 
-    def _one_epoch(self) -> None:
+    def _epoch(self) -> None:
+        self.step.epoch = self.epoch
+        self.record = {"epoch": self.epoch + 1}
+        try:
+            self.callback("before_epoch")
+            self._train_and_validate()
+            if self.scheduler is not None:
+                self.record["lr"] = self.optimizer.param_groups[0]["lr"]
+            self.history.append(self.record)
+            self.callback("after_epoch")
+        except CancelEpoch:
+            if not self.history or self.history[-1] is not self.record:
+                self.history.append(self.record)
+
+    def _train_and_validate(self) -> None:
         self.training = True
         self.model.train()
         self._run_batches(self.train_data)
+        self.step.flush()
         if self.valid_data is not None:
             self.training = False
-            self.model.eval()
-            with torch.no_grad():
+            with eval_mode(self.model), torch.no_grad():
+                self.callback("before_validate")
                 self._run_batches(self.valid_data)
-            self.callback("after_validate")
+                self.callback("after_validate")
 
     def _run_batches(self, data: Iterable) -> None:
+        limit = runtime.cut(math.inf) if runtime.is_dry_run() else math.inf
         for self.batch_index, (self.xb, self.yb) in enumerate(data):
+            if self.batch_index >= limit:
+                break
             if not self._checked_devices:
                 check_same_device(self.model, self.xb, self.yb)
                 self._checked_devices = True
-            self._stage("batch", self._one_batch, CancelBatch)
+            try:
+                self.callback("before_batch")
+                if self.training:
+                    self.preds, self.loss = self.step(self.xb, self.yb, events=self._step_event)
+                else:
+                    with self._eval_meter.measure(batch=int(self.yb.shape[0])):
+                        self.preds, self.loss = self.step.forward(self.xb, self.yb)
+                    self.callback("after_loss")
+                self.callback("after_batch")
+            except CancelBatch:
+                pass
 
-    def _one_batch(self) -> None:
-        with autocast(self.device, enabled=self.mixed_precision):
-            self.preds = self.model(self.xb)
-            self.loss = self.loss_fn(self.preds, self.yb)
-        self.callback("after_loss")
-        if not self.training:
-            return
-        if self.scaler is not None:
-            self.scaler.scale(self.loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            self.loss.backward()
-        self.callback("after_backward")
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.n_steps += 1
-        self.callback("after_step")
-        self.optimizer.zero_grad(set_to_none=True)
+    def _step_event(self, event: str) -> None:
+        if event == "after_loss":
+            self.preds, self.loss = self.step.preds, self.step.loss
+        self.callback(event)
 
 
-def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                      scaler: "torch.amp.GradScaler | None" = None) -> None:
-    """Backpropagate `loss` and take one optimizer step, through the GradScaler when there is one."""
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+def _samples(data, epochs: int) -> int | None:
+    """Images in `epochs` passes over `data`, when it says (a DeviceLoader does); None otherwise."""
+    n = getattr(data, "num_samples", None)
+    return None if n is None else epochs * n
 
 
 class Metrics(Callback):
@@ -171,13 +216,7 @@ class Metrics(Callback):
             s["correct"] = s["correct"] + correct
         s["n"] += n
 
-    def after_validate(self) -> None:
-        self._write()
-
     def after_epoch(self) -> None:
-        self._write()
-
-    def _write(self) -> None:
         for split, s in self.sums.items():
             if s["n"] == 0:
                 continue
@@ -187,7 +226,7 @@ class Metrics(Callback):
 
 
 class Timing(Callback):
-    """Seconds per epoch (device synchronised) and images per second, written into each record."""
+    """Per epoch: training seconds and images per second (device synchronised), epoch seconds, total elapsed."""
 
     order = 5
 
@@ -196,51 +235,29 @@ class Timing(Callback):
 
     def before_epoch(self) -> None:
         synchronize(self.learner.device)
-        self.start, self.images = time.perf_counter(), 0
+        self.start, self.images, self.train_seconds = time.perf_counter(), 0, None
 
     def after_batch(self) -> None:
         if self.learner.training:
             self.images += self.learner.yb.shape[0]
 
+    def before_validate(self) -> None:
+        synchronize(self.learner.device)
+        self.train_seconds = time.perf_counter() - self.start
+
     def after_epoch(self) -> None:
         synchronize(self.learner.device)
         seconds = time.perf_counter() - self.start
+        train_seconds = self.train_seconds if self.train_seconds is not None else seconds
         self.total += seconds
-        self.learner.record["seconds"] = seconds
-        self.learner.record["elapsed"] = self.total
-
-
-class GradClip(Callback):
-    """Clip the gradient norm (or each value) before every optimizer step."""
-
-    def __init__(self, max_norm: float | None = None, max_value: float | None = None):
-        if (max_norm is None) == (max_value is None):
-            raise ValueError("GradClip needs exactly one of max_norm or max_value")
-        self.max_norm, self.max_value = max_norm, max_value
-
-    def after_backward(self) -> None:
-        params = self.learner.model.parameters()
-        if self.max_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.max_norm)
-        else:
-            torch.nn.utils.clip_grad_value_(params, self.max_value)
-
-
-class Scheduler(Callback):
-    """Step a torch LR scheduler after every optimizer step; log the learning rate."""
-
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
-
-    def after_step(self) -> None:
-        self.scheduler.step()
-
-    def after_epoch(self) -> None:
-        self.learner.record["lr"] = self.learner.optimizer.param_groups[0]["lr"]
+        record = self.learner.record
+        record["seconds"], record["elapsed"] = seconds, self.total
+        record["train_seconds"] = train_seconds
+        record["images_per_s"] = self.images / train_seconds if train_seconds > 0 else math.nan
 
 
 class StopWhen(Callback):
-    """Stop training as soon as `condition(record)` is true at the end of an epoch."""
+    """End training after the first epoch whose record satisfies `condition` (every callback still sees that epoch)."""
 
     order = 20
 
@@ -249,18 +266,19 @@ class StopWhen(Callback):
 
     def after_epoch(self) -> None:
         if self.condition(self.learner.record):
-            self.learner.history.append(self.learner.record)
-            raise CancelFit
+            self.learner.stop_requested = True
 
 
 class Checkpoint(Callback):
-    """Keep the weights of the epoch with the best value of `metric` (in memory, or saved to `path`)."""
+    """Keep the weights of the epoch with the best value of `metric` (in memory, or also saved to `path`)."""
 
     order = 30
 
     def __init__(self, metric: str = "valid_acc", mode: str = "max", path: str | None = None):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         self.metric, self.mode, self.path = metric, mode, path
-        self.best, self.state = -math.inf if mode == "max" else math.inf, None
+        self.best, self.state, self.best_epoch = -math.inf if mode == "max" else math.inf, None, None
 
     def after_epoch(self) -> None:
         value = self.learner.record.get(self.metric)
@@ -268,10 +286,10 @@ class Checkpoint(Callback):
             return
         better = value > self.best if self.mode == "max" else value < self.best
         if better:
-            self.best = value
+            self.best, self.best_epoch = value, self.learner.record["epoch"]
             self.state = {k: v.detach().clone() for k, v in self.learner.model.state_dict().items()}
             if self.path:
-                torch.save(self.state, self.path)
+                save_atomically(self.state, Path(self.path))
 
     def restore(self) -> None:
         """Load the best weights seen back into the model."""
@@ -280,23 +298,110 @@ class Checkpoint(Callback):
         self.learner.model.load_state_dict(self.state)
 
 
+def save_atomically(obj, path: Path) -> None:
+    """torch.save through a temporary file and a rename: an interruption never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def rng_state() -> dict:
+    """The state of every random number generator a training run draws from (Python, NumPy, torch CPU and CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Resume(Callback):
+    """Save the whole training state at `path` after every epoch (atomically); resume from it when it exists.
+
+    The state is the model, the optimizer, the step (GradScaler, scheduler, step count), every
+    random generator (also the loaders' shuffling and augmentation generators), the history and
+    the epoch. Running the same training again after an interruption continues from the last
+    finished epoch and ends with the same weights as an uninterrupted run with the same seed.
+    """
+
+    order = 100
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def _data_states(self) -> dict:
+        lrn = self.learner
+        return {name: data.state_dict() for name, data in (("train", lrn.train_data), ("valid", lrn.valid_data))
+                if data is not None and hasattr(data, "state_dict")}
+
+    def _fingerprint(self) -> list:
+        return [list(p.shape) for p in self.learner.model.parameters()]
+
+    def before_fit(self) -> None:
+        if not self.path.exists():
+            return
+        lrn = self.learner
+        state = torch.load(self.path, map_location=lrn.device, weights_only=False)
+        if state["fingerprint"] != self._fingerprint() or state["epochs"] != lrn.epochs:
+            raise RuntimeError(
+                f"The saved training state {self.path} belongs to another training (a different model or number of "
+                f"epochs). Delete it to start afresh, or give this training its own path.")
+        lrn.model.load_state_dict(state["model"])
+        lrn.optimizer.load_state_dict(state["optimizer"])
+        lrn.step.load_state_dict(state["step"])
+        set_rng_state(state["rng"])
+        for name, data in (("train", lrn.train_data), ("valid", lrn.valid_data)):
+            if name in state["data"]:
+                data.load_state_dict(state["data"][name])
+        lrn.history[:] = state["history"]
+        lrn.start_epoch = state["epoch"] + 1
+        self.resumed_from = lrn.start_epoch
+        if state.get("stopped"):
+            lrn.start_epoch = lrn.epochs
+        print(f"Resumed {lrn.step.name!r} from {self.path.name} after epoch {state['epoch'] + 1} of {lrn.epochs}")
+
+    def after_epoch(self) -> None:
+        lrn = self.learner
+        save_atomically({"model": lrn.model.state_dict(), "optimizer": lrn.optimizer.state_dict(),
+                         "step": lrn.step.state_dict(), "rng": rng_state(), "data": self._data_states(),
+                         "history": list(lrn.history), "epoch": lrn.epoch, "epochs": lrn.epochs,
+                         "stopped": lrn.stop_requested, "fingerprint": self._fingerprint()}, self.path)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Iterable, loss_fn: Callable = F.cross_entropy,
              mixed_precision: bool = False) -> dict:
     """Loss and accuracy of `model` over all of `data` (correct/total, loss weighted by batch size)."""
-    was_training = model.training
-    model.eval()
     first = next(model.parameters())
-    total_loss, correct, n = torch.zeros((), device=first.device), torch.zeros((), device=first.device, dtype=torch.long), 0
-    for xb, yb in data:
-        check_same_device(model, xb, yb)
-        with autocast(first.device, enabled=mixed_precision):
-            preds = model(xb)
-            loss = loss_fn(preds, yb)
-        total_loss += loss.float() * yb.shape[0]
-        correct += (preds.argmax(dim=1) == yb).sum()
-        n += yb.shape[0]
-    model.train(was_training)
+    device = first.device
+    total_loss = torch.zeros((), device=device)
+    correct, n = torch.zeros((), device=device, dtype=torch.long), 0
+    m = runtime.meter("eval", "evaluate")
+    m.plan(len(data) if hasattr(data, "__len__") else 0, _samples(data, 1))
+    limit = runtime.cut(math.inf) if runtime.is_dry_run() else math.inf
+    with eval_mode(model):
+        for i, (xb, yb) in enumerate(data):
+            if i >= limit:
+                break
+            check_same_device(model, xb, yb)
+            with m.measure(batch=int(yb.shape[0])), autocast(device, enabled=mixed_precision):
+                preds = model(xb)
+                loss = loss_fn(preds, yb)
+            total_loss += loss.float() * yb.shape[0]
+            correct += (preds.argmax(dim=1) == yb).sum()
+            n += yb.shape[0]
     if n == 0:
         raise ValueError("evaluate() got no batches")
     return {"loss": float(total_loss) / n, "acc": int(correct) / n}

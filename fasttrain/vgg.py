@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .train import eval_mode
+
 # (number of 3x3 convolutions, output channels) per block.
 VGG_SMALL = ((1, 16), (1, 32), (1, 64))  # the smoke profile's net: quick on a CPU
 VGG_CIFAR = ((2, 64), (2, 128), (2, 256), (2, 512))
@@ -58,13 +60,10 @@ class VGGNet(nn.Module):
 
 def materialize(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32)) -> nn.Module:
     """Give a model's Lazy layers their sizes with one forward pass on a zero batch (in eval mode); returns the model."""
-    was_training = model.training
-    model.eval()
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         model(torch.zeros(2, *input_shape, device=device))
-    model.train(was_training)
     return model
 
 

@@ -1,19 +1,19 @@
-"""Run a chapter with papermill in the smoke profile, once per test run, and read its record.
+"""Run a chapter with papermill (smoke profile unless asked), once per test run, and read its record.
 
 Under pytest-xdist several workers may ask for the same chapter (a chapter's own tests and
 the book test): a file lock per chapter and a marker holding the test run's id make the
-first worker run it and the others reuse its executed notebook and record.
+first worker run it and the others reuse its executed notebook, which carries its record.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+import nbformat
 from filelock import FileLock
 
-from fasttrain.course import run_chapter
+from fasttrain_course.chapters import run_chapter, run_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 EXECUTED = ROOT / "_build" / "executed"
@@ -25,28 +25,24 @@ def _run_id() -> str | None:
     return os.environ.get("PYTEST_XDIST_TESTRUNUID")
 
 
-def execute_chapter(slug: str, profile: str = "smoke") -> tuple[Path, dict]:
+def execute_chapter(slug: str, profile: str = "smoke", dry_run: bool | str = False) -> tuple[Path, dict]:
     """Execute `solutions/<slug>` with papermill (once per test run); return (executed notebook, record)."""
-    key = f"{slug}:{profile}"
+    folder = run_folder(profile, dry_run)
+    key = f"{slug}:{folder}"
     if key in _done:
         return _done[key]
-    EXECUTED.mkdir(parents=True, exist_ok=True)
-    record_path = RESULTS / profile / f"{slug}.json"
-    marker = EXECUTED / f"{slug}.{profile}.run"
-    with FileLock(str(EXECUTED / f"{slug}.{profile}.lock")):
+    out = EXECUTED / folder / f"{slug}.ipynb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    marker = out.with_name(f"{slug}.run")
+    with FileLock(str(out.with_name(f"{slug}.lock"))):
         run_id = _run_id()
-        if run_id is not None and marker.exists() and marker.read_text() == run_id and record_path.exists():
-            out, seconds = EXECUTED / f"{slug}.ipynb", None  # executed by another worker of this run
-        else:
-            if record_path.exists():
-                record_path.unlink()  # a stale record must not pass for this run's
+        if not (run_id is not None and marker.exists() and marker.read_text() == run_id and out.exists()):
+            out.unlink(missing_ok=True)  # a stale notebook must not pass for this run's
             marker.unlink(missing_ok=True)
-            out, seconds = run_chapter(slug, profile, out_dir=EXECUTED, results_dir=RESULTS, root=ROOT)
-            assert record_path.exists(), f"{slug} ran but wrote no results record at {record_path}"
+            outcome = run_chapter(slug, profile, root=ROOT, out_dir=EXECUTED, results_dir=RESULTS, dry_run=dry_run)
+            print(f"{slug}: papermill {folder} run took {outcome.seconds:.1f} s")
             if run_id is not None:
                 marker.write_text(run_id)
-            print(f"{slug}: papermill {profile} run took {seconds:.1f} s")
-    record = json.loads(record_path.read_text())
-    record["papermill_seconds"] = seconds
+    record = nbformat.read(str(out), as_version=4).metadata["fasttrain"]["record"]
     _done[key] = (out, record)
     return _done[key]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from chapters import execute_chapter
-from fasttrain.course import run_chapter
+from fasttrain_course.chapters import ChapterRunFailed, run_chapter
 from grading import edit_solution, grade_variants, solution_source
 
 SLUG = "01_optimizers"
@@ -84,9 +84,7 @@ def test_smoke_run_reaches_its_targets_and_records_them():
 
 
 def test_a_missed_target_fails_the_papermill_run_with_a_message_naming_it(repo_root, tmp_path):
-    import papermill
-
-    with pytest.raises(papermill.PapermillExecutionError) as err:
+    with pytest.raises(ChapterRunFailed) as err:
         run_chapter(SLUG, "smoke", out_dir=tmp_path, results_dir=tmp_path, parameters={"adam_lr": 1e-7},
                     root=repo_root)
     message = str(err.value)
@@ -94,7 +92,5 @@ def test_a_missed_target_fails_the_papermill_run_with_a_message_naming_it(repo_r
 
 
 def test_an_unknown_profile_fails_the_run_with_a_clear_error(repo_root, tmp_path):
-    import papermill
-
-    with pytest.raises(papermill.PapermillExecutionError, match="Unknown profile 'quick'"):
+    with pytest.raises(ChapterRunFailed, match="Unknown profile 'quick'"):
         run_chapter(SLUG, "quick", out_dir=tmp_path, results_dir=tmp_path, root=repo_root)

@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fasttrain import speed
-from fasttrain.data import normalize
+from fasttrain.batches import normalize
+from fasttrain.tables import format_table
 from fasttrain.train import Learner, Metrics
 
 SLUG = "02_gpu_training"
@@ -189,7 +190,7 @@ def test_dataloader_batches_are_normalised_like_the_device_path():
 
 
 def test_format_table_writes_markdown_with_formats_and_dashes_for_nan():
-    text = speed.format_table([{"a": "x", "b": 1234.5, "c": float("nan")}], {"a": "A", "b": "B", "c": "C"},
+    text = format_table([{"a": "x", "b": 1234.5, "c": float("nan")}], {"a": "A", "b": "B", "c": "C"},
                               {"b": ".1f"})
     assert text.splitlines() == ["| A | B | C |", "|---|---|---|", "| x | 1234.5 | - |"]
 

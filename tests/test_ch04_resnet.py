@@ -7,10 +7,11 @@ from torch import nn
 
 from chapters import execute_chapter
 from grading import edit_solution, grade_variants, solution_source
-from fasttrain.data import DeviceLoader
-from fasttrain.resnet import (RECIPE, ResidualBlock, count_parameters, plain_net, recipe_learner, residual_net,
+from fasttrain.batches import DeviceLoader
+from fasttrain.costs import count_parameters
+from fasttrain.resnet import (RECIPE, ResidualBlock, plain_net, recipe_learner, residual_net,
                               resnet9, resnet9_channels)
-from fasttrain.train import Callback, GradClip, Scheduler
+from fasttrain.train import Callback
 
 SLUG = "04_resnet"
 
@@ -110,9 +111,8 @@ def test_recipe_learner_runs_adam_with_one_cycle_over_all_steps_and_value_clippi
     learner = recipe_learner(model, data, epochs=3, callbacks=[probe])
     assert isinstance(learner.optimizer, torch.optim.Adam)
     assert learner.optimizer.param_groups[0]["weight_decay"] == RECIPE["weight_decay"] == 1e-4
-    clips = [cb for cb in learner.callbacks if isinstance(cb, GradClip)]
-    assert len(clips) == 1 and clips[0].max_value == RECIPE["grad_clip"] == 0.1 and clips[0].max_norm is None
-    assert any(isinstance(cb, Scheduler) for cb in learner.callbacks)
+    assert learner.step.clip_value == RECIPE["grad_clip"] == 0.1 and learner.step.clip_norm is None
+    assert isinstance(learner.scheduler, torch.optim.lr_scheduler.OneCycleLR)
     history = learner.fit(3)
     assert len(probe.lrs) == 12  # 3 epochs x 4 batches, one schedule step each
     assert max(probe.lrs) == pytest.approx(RECIPE["max_lr"], rel=0.05)

@@ -6,7 +6,10 @@ import shutil
 import nbformat
 import pytest
 
-from fasttrain.course import book_page, chapters, comparable
+from fasttrain_course.book import book_page
+from fasttrain_course.chapters import code_hash
+from fasttrain_course.paths import chapters
+from fasttrain_course.release import comparable
 from grading import _nbgrader
 
 SOLUTION = re.compile(r"### (BEGIN|END) SOLUTION")
@@ -67,21 +70,32 @@ def test_source_notebooks_are_committed_without_outputs_and_with_stable_ids(repo
             assert re.search(rf"^{name}\s*=", tagged[0].source, re.M), f"{slug}: parameter {name} missing"
 
 
-def test_book_page_hides_solutions_and_hidden_tests_but_keeps_outputs(repo_root, tmp_path):
+def _executed_copy(repo_root, tmp_path, record_extra=None):
     source = nbformat.read(str(repo_root / "solutions" / "01_optimizers" / "01_optimizers.ipynb"), as_version=4)
     for cell in source.cells:
         if cell.cell_type == "code":
             cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="kept output\n")]
+    record = {"chapter": "01_optimizers", "profile": "smoke", "device": "cpu (2 threads)", "date": "2026-11-23T00:00:00",
+              "wall_seconds": 1.0, "torch_version": "x", "source_hash": code_hash(source), **(record_extra or {})}
+    source.metadata["fasttrain"] = {"record": record}
     path = tmp_path / "01_optimizers.ipynb"
     nbformat.write(source, str(path))
-    record = {"profile": "smoke", "device": "cpu", "date": "2026-11-23T00:00:00", "wall_seconds": 1.0,
-              "torch_version": "x"}
-    page = book_page(path, record)
+    return path
+
+
+def test_book_page_hides_solutions_and_hidden_tests_but_keeps_outputs(repo_root, tmp_path):
+    page = book_page(_executed_copy(repo_root, tmp_path), repo_root, tmp_path)
     text = "\n".join(c.source for c in page.cells)
     assert not SOLUTION.search(text) and not HIDDEN.search(text)
     assert "bias correction" not in "".join(c.source for c in page.cells if c.cell_type == "code"
                                             and "test_adam" == c.get("id")), "hidden test text leaked"
     assert "YOUR CODE HERE" in text
     assert all(c.outputs for c in page.cells if c.cell_type == "code")
-    assert "profile `smoke`" in page.cells[1].source
-    assert "colab.research.google.com" in page.cells[1].source and "course/01_optimizers" in page.cells[1].source
+    header = page.cells[1].source
+    assert "profile `smoke`" in header and "older than" not in header
+    assert "colab.research.google.com" in header and "course/01_optimizers" in header
+
+
+def test_book_page_says_when_its_run_is_older_than_the_code(repo_root, tmp_path):
+    page = book_page(_executed_copy(repo_root, tmp_path, {"source_hash": "0123"}), repo_root, tmp_path)
+    assert "older than the chapter's current code" in page.cells[1].source

@@ -1,4 +1,4 @@
-"""Unit tests of fasttrain.data: CIFAR-10 sources and cache, subsets, loaders, augmentation, digits."""
+"""Unit tests of fasttrain.datasets and fasttrain.batches: CIFAR-10 sources and cache, subsets, loaders, augmentation, digits."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fasttrain import data
-from fasttrain.data import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, ENV_VAR, CacheCorruptWarning,
-                            CacheStaleWarning, DeviceLoader, augment, balanced_subset, cache_path, cifar10_loaders,
-                            data_root, load_cifar10, load_digits, normalize, random_crop, random_flip)
+from fasttrain import datasets as data
+from fasttrain.batches import DeviceLoader, augment, cifar10_loaders, normalize, random_crop, random_flip
+from fasttrain.datasets import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, ENV_VAR, CacheCorruptWarning,
+                                CacheStaleWarning, balanced_subset, cache_dir, cache_path, data_root, load_cifar10,
+                                load_digits)
 
 
 def _fake_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +90,7 @@ def test_root_is_read_from_the_env_var(npz_root, monkeypatch):
 def test_cache_round_trip_equals_the_source(npz_root):
     first = load_cifar10("train", root=npz_root, download=False)
     cache = cache_path("train", npz_root)
-    assert cache.is_file() and cache.parent == npz_root
+    assert cache.is_file() and cache.parent == cache_dir(), "the cache goes to FASTTRAIN_CACHE, never into the data root"
     os.rename(npz_root / "train.npz", npz_root / "moved.npz")  # the second load can only come from the cache
     second = load_cifar10("train", root=npz_root, download=False)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

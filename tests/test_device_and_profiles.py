@@ -1,10 +1,10 @@
-"""fasttrain.device and fasttrain.profiles."""
+"""fasttrain.device, and the profiles of fasttrain.runtime."""
 
 import pytest
 import torch
 
 from fasttrain.device import Timer, autocast, autocast_dtype, check_same_device, get_device, seed_everything
-from fasttrain.profiles import pick, resolve_profile
+from fasttrain.runtime import resolve_profile
 
 
 def test_auto_device_is_cpu_without_accelerators_and_is_named(capsys):
@@ -46,7 +46,7 @@ def test_model_and_batch_on_different_devices_is_a_loud_error():
         check_same_device(model, torch.ones(1, 2))
 
 
-@pytest.mark.parametrize("name,expected", [("smoke", "smoke"), ("full", "full")])
+@pytest.mark.parametrize("name,expected", [("smoke", "smoke"), ("cpu", "cpu"), ("full", "full")])
 def test_known_profiles_resolve_to_themselves(name, expected):
     assert resolve_profile(name) == expected
 
@@ -57,11 +57,5 @@ def test_auto_profile_is_full_on_cuda_and_smoke_elsewhere():
 
 
 def test_unknown_profile_is_a_clear_error():
-    with pytest.raises(ValueError, match="Unknown profile 'fast'.*smoke.*full.*auto"):
+    with pytest.raises(ValueError, match="Unknown profile 'fast'.*smoke.*cpu.*full.*auto"):
         resolve_profile("fast")
-
-
-def test_pick_chooses_by_profile_and_rejects_missing_ones():
-    assert pick("smoke", smoke=1, full=2) == 1
-    with pytest.raises(KeyError):
-        pick("full", smoke=1)

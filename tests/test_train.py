@@ -5,8 +5,7 @@ import torch
 import torch.nn as nn
 
 from fasttrain.board import LiveBoard, format_history
-from fasttrain.train import (CancelFit, Callback, Checkpoint, GradClip, Learner, Scheduler, StopWhen, Timing,
-                             evaluate)
+from fasttrain.train import EVENTS, CancelFit, Callback, Checkpoint, Learner, StopWhen, Timing, evaluate
 
 
 class Constant(nn.Module):
@@ -72,7 +71,7 @@ def test_learner_fits_a_separable_problem_and_evaluate_agrees_with_its_valid_met
     assert hist[-1]["elapsed"] >= hist[-1]["seconds"] > 0
 
 
-def test_callbacks_run_in_order_and_can_cancel_the_fit():
+def test_callbacks_run_in_order_and_stop_when_ends_after_the_epoch():
     events = []
 
     class Log(Callback):
@@ -84,33 +83,76 @@ def test_callbacks_run_in_order_and_can_cancel_the_fit():
 
     model = nn.Linear(2, 2)
     data = batches(torch.randn(8, 2), torch.randint(0, 2, (8,)), 4)
-    lrn = Learner(model, data, callbacks=[Log("late", 10), Log("early", 1), StopWhen(lambda r: r["epoch"] == 2)])
+    lrn = Learner(model, data, callbacks=[Log("late", 30), Log("early", 1), StopWhen(lambda r: r["epoch"] == 2)])
     hist = lrn.fit(10)
-    assert events == ["early", "late", "early", "late"]
+    assert events == ["early", "late", "early", "late"], "a callback ordered after StopWhen must see the last epoch"
     assert len(hist) == 2
 
 
-def test_grad_clip_bounds_the_gradient_norm_seen_by_the_optimizer():
+def test_callbacks_after_stop_when_see_the_stopping_epoch_board_and_best_checkpoint():
+    # The loss drops every epoch, so the best epoch is the last one: the one StopWhen stops at.
+    torch.manual_seed(0)
+    x = torch.randn(64, 2)
+    y = (x[:, 0] > 0).long()
+    model = nn.Linear(2, 2)
+    board = LiveBoard(notebook=False)
+    best = Checkpoint("train_loss", mode="min")
+    lrn = Learner(model, batches(x, y, 16), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                  callbacks=[StopWhen(lambda r: r["epoch"] == 3), best, board])
+    lrn.fit(10)
+    assert StopWhen.order < Checkpoint.order < LiveBoard.order
+    assert board.xs["train_loss"] == [1.0, 2.0, 3.0], "the board must get the epoch StopWhen stopped at"
+    assert best.best_epoch == 3 and best.best == pytest.approx(lrn.history[-1]["train_loss"])
+
+
+def test_every_documented_event_is_fired_in_order():
+    seen = []
+
+    class Record(Callback):
+        pass
+
+    for event in EVENTS:
+        setattr(Record, event, lambda self, e=event: seen.append(e))
+    model = nn.Linear(2, 2)
+    data = batches(torch.randn(4, 2), torch.randint(0, 2, (4,)), 4)
+    Learner(model, data, data, callbacks=[Record()]).fit(1)
+    assert seen == ["before_fit", "before_epoch", "before_batch", "after_loss", "after_backward", "after_step",
+                    "after_batch", "before_validate", "before_batch", "after_loss", "after_batch", "after_validate",
+                    "after_epoch", "after_fit"]
+    assert set(seen) == set(EVENTS)
+    doc = __import__("fasttrain.train", fromlist=["x"]).__doc__
+    assert all(event in doc for event in EVENTS), "the module's docstring must list every event it fires"
+
+
+def test_timing_reports_images_per_second_of_the_training_pass():
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(30, 3), torch.randint(0, 2, (30,))
+    lrn = Learner(model, batches(x, y, 10), batches(x, y, 10), callbacks=[Timing()])
+    rec = lrn.fit(2)[-1]
+    assert rec["images_per_s"] == pytest.approx(30 / rec["train_seconds"])
+    assert 0 < rec["train_seconds"] <= rec["seconds"] <= rec["elapsed"]
+
+
+def test_clip_norm_bounds_the_gradient_norm_seen_by_the_optimizer():
     norms = []
 
-    class Spy(Callback):
-        order = 10
-
-        def after_backward(self):
-            norms.append(torch.nn.utils.get_total_norm([p.grad for p in self.learner.model.parameters()]).item())
+    class SpyOptimizer(torch.optim.SGD):
+        def step(self, closure=None):
+            norms.append(torch.nn.utils.get_total_norm([p.grad for g in self.param_groups for p in g["params"]]).item())
+            return super().step(closure)
 
     model = nn.Linear(5, 2)
     x, y = torch.randn(16, 5) * 100, torch.randint(0, 2, (16,))
-    Learner(model, batches(x, y, 8), callbacks=[GradClip(max_norm=0.5), Spy()]).fit(1)
-    assert max(norms) <= 0.5 + 1e-5
+    Learner(model, batches(x, y, 8), optimizer=SpyOptimizer(model.parameters(), lr=0.1), clip_norm=0.5).fit(1)
+    assert len(norms) == 2 and max(norms) <= 0.5 + 1e-5
 
 
-def test_scheduler_callback_steps_once_per_batch():
+def test_scheduler_steps_once_per_batch_and_the_rate_is_logged():
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     data = batches(torch.randn(12, 2), torch.randint(0, 2, (12,)), 4)
-    lrn = Learner(model, data, optimizer=opt, callbacks=[Scheduler(sched)])
+    lrn = Learner(model, data, optimizer=opt, scheduler=sched)
     lrn.fit(1)
     assert lrn.history[0]["lr"] == pytest.approx(0.5 ** 3)
 

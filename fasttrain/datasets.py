@@ -1,16 +1,17 @@
-"""Data: CIFAR-10 and digits as tensors on the device, batches that never leave it, augmentation as tensor ops.
+"""Data sets: CIFAR-10 (found, downloaded or read from a checksummed cache) and scikit-learn's 8x8 digits.
 
 CIFAR-10 is looked for, in order: a checksummed cache of uint8 tensors, the npz layout
 (`train.npz` / `test.npz` with `images` uint8 NHWC and `labels`), torchvision's
 `cifar-10-batches-py` folder, and last torchvision's checksummed download. The data root is
-the `root` argument, else `$FASTTRAIN_DATA`, else `~/.cache/fasttrain/data`. The cache sits
-in the root when the root is writable, else in `$FASTTRAIN_CACHE` (or `~/.cache/fasttrain`).
+the `root` argument, else `$FASTTRAIN_DATA`, else `~/.cache/fasttrain/data`. The cache goes to
+`$FASTTRAIN_CACHE` (default `~/.cache/fasttrain`), never into the data root: a shared copy of
+the data stays untouched even where every folder is writable (as for root).
+Batching and augmentation on the device are in `fasttrain.batches`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import pickle
 import stat
@@ -18,11 +19,9 @@ import tempfile
 import warnings
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ENV_VAR = "FASTTRAIN_DATA"
 CACHE_ENV_VAR = "FASTTRAIN_CACHE"
@@ -62,8 +61,8 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "fasttrain" / "data"
 
 
-def _fallback_cache_dir() -> Path:
-    """Where caches go when the data root is read-only: $FASTTRAIN_CACHE, else ~/.cache/fasttrain."""
+def cache_dir() -> Path:
+    """Where the course keeps what it computes (data caches, training checkpoints): $FASTTRAIN_CACHE, else ~/.cache/fasttrain."""
     env = os.environ.get(CACHE_ENV_VAR)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fasttrain"
 
@@ -84,13 +83,11 @@ def _is_writable_dir(path: Path) -> bool:
 
 
 def cache_path(split: str, root: str | os.PathLike | None = None) -> Path:
-    """The cache file of a CIFAR-10 split for this data root (in the root if writable, else the cache dir)."""
+    """The cache file of a CIFAR-10 split for this data root, in `cache_dir()` (never in the data root itself)."""
     _check_split(split)
     root = data_root(root)
-    if _is_writable_dir(root):
-        return root / f"cifar10_{split}_uint8.pt"
     tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]
-    return _fallback_cache_dir() / f"cifar10_{split}_uint8_{tag}.pt"
+    return cache_dir() / f"cifar10_{split}_uint8_{tag}.pt"
 
 
 def _check_split(split: str) -> None:
@@ -211,7 +208,7 @@ def _download(split: str, into: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _load_from_source(split: str, root: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Find the split in the root (npz, then torchvision's folder), else download it; say where it came from."""
-    fallback = _fallback_cache_dir() / "cifar10"
+    fallback = cache_dir() / "cifar10"
     looked = []
     for base in dict.fromkeys([root, fallback]):
         npz = base / f"{split}.npz"
@@ -316,154 +313,3 @@ def balanced_subset(images: torch.Tensor, labels: torch.Tensor, n: int,
         chosen.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
     index = torch.cat(chosen).sort().values.to(labels.device)
     return images[index.to(images.device)], labels[index]
-
-
-# ---------------------------------------------------------------------------------------------
-# Normalisation and augmentation on the device
-# ---------------------------------------------------------------------------------------------
-
-def normalize(images_uint8: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(images/255 - mean)/std per channel as float NCHW; uint8 input is on 0..255, float input on 0..1."""
-    x = images_uint8
-    scale = 1 / 255 if x.dtype == torch.uint8 else 1.0
-    if x.ndim != 4:
-        raise ValueError(f"normalize expects NCHW images, got shape {tuple(x.shape)}")
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    if mean.shape[1] != x.shape[1] or std.shape[1] != x.shape[1]:
-        raise ValueError(f"mean/std have {mean.shape[1]}/{std.shape[1]} channels but the images have {x.shape[1]}")
-    out = torch.addcmul(-mean / std, x.to(torch.float32), scale / std)
-    return out.to(dtype)
-
-
-def _uniform_ints(n: int, high: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    """n random integers in [0, high) drawn on the generator's device (or `device`), moved to `device`."""
-    where = generator.device if generator is not None else device
-    return torch.randint(0, high, (n,), device=where, generator=generator).to(device)
-
-
-def _source_index(pos: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """Map positions in [-pad, size+pad) of a padded axis to indices of the unpadded axis."""
-    if mode == "reflect":
-        period = 2 * (size - 1)
-        pos = pos.remainder(period)
-        return torch.where(pos < size, pos, period - pos)
-    if mode == "replicate":
-        return pos.clamp(0, size - 1)
-    if mode == "circular":
-        return pos.remainder(size)
-    raise ValueError(f"Unknown padding mode {mode!r}: use 'reflect', 'replicate', 'circular' or 'constant'")
-
-
-def random_crop(images: torch.Tensor, padding: int = 4, mode: str = "reflect",
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pad each image by `padding` (reflect/replicate/circular/constant) and cut a random HxW window from it."""
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
-    if padding == 0 or len(images) == 0:
-        return images.clone()
-    n, _, h, w = images.shape
-    if mode == "reflect" and padding >= min(h, w):
-        raise ValueError(f"reflect padding ({padding}) must be smaller than the image side ({min(h, w)})")
-    dy = _uniform_ints(n, 2 * padding + 1, images.device, generator)
-    dx = _uniform_ints(n, 2 * padding + 1, images.device, generator)
-    rows = dy[:, None] + torch.arange(h, device=images.device)  # positions in the padded image
-    cols = dx[:, None] + torch.arange(w, device=images.device)
-    if mode == "constant":
-        source = F.pad(images, (padding,) * 4)
-    else:
-        source = images
-        rows, cols = _source_index(rows - padding, h, mode), _source_index(cols - padding, w, mode)
-    batch = torch.arange(n, device=images.device)[:, None, None]
-    # Advanced indexing around the channel slice gives [N, H, W, C]; bring channels back to dim 1.
-    out = source[batch, :, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()
-
-
-def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    flip = _uniform_ints(len(images), 2, images.device, generator).bool()
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
-
-
-def augment(images: torch.Tensor, padding: int = 4, mode: str = "reflect",
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """The standard CIFAR-10 augmentation: a random padded crop, then a random horizontal flip."""
-    return random_flip(random_crop(images, padding, mode, generator), generator)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches that live on the device
-# ---------------------------------------------------------------------------------------------
-
-class DeviceLoader:
-    """Batches (xb, yb) of tensors already on the device, reshuffled on the device every epoch."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = True,
-                 drop_last: bool = False, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 seed: int | None = None):
-        if len(x) != len(y):
-            raise ValueError(f"x ({len(x)}) and y ({len(y)}) must have the same number of samples")
-        if x.device != y.device:
-            raise ValueError(f"x is on {x.device} but y is on {y.device}: move both with .to(device)")
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.x, self.y = x, y
-        self.batch_size, self.shuffle, self.drop_last, self.transform = batch_size, shuffle, drop_last, transform
-        self.generator = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-    @property
-    def num_samples(self) -> int:
-        """How many samples one epoch visits (all of them unless drop_last cuts the tail)."""
-        return len(self) * self.batch_size if self.drop_last else len(self.x)
-
-    def __len__(self) -> int:
-        n = len(self.x)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.x)
-        order = torch.randperm(n, device=self.device, generator=self.generator) if self.shuffle else None
-        for b in range(len(self)):
-            sl = slice(b * self.batch_size, min((b + 1) * self.batch_size, n))
-            if order is None:
-                xb, yb = self.x[sl], self.y[sl]
-            else:
-                idx = order[sl]
-                xb, yb = self.x[idx], self.y[idx]
-            if self.transform is not None:
-                xb = self.transform(xb)
-            yield xb, yb
-
-
-def cifar10_loaders(batch_size: int, root: str | os.PathLike | None = None, device: torch.device | str = "cpu",
-                    n_train: int | None = None, n_test: int | None = None, augment_train: bool = True,
-                    seed: int = 0, channels_last: bool = False,
-                    dtype: torch.dtype = torch.float32) -> tuple[DeviceLoader, DeviceLoader]:
-    """(train_loader, test_loader) over CIFAR-10 on the device: balanced subsets if n_* given, normalised, train augmented."""
-    device = torch.device(device)
-    x_tr, y_tr = load_cifar10("train", root, device)
-    x_te, y_te = load_cifar10("test", root, device)
-    if n_train is not None:
-        x_tr, y_tr = balanced_subset(x_tr, y_tr, n_train, seed)
-    if n_test is not None:
-        x_te, y_te = balanced_subset(x_te, y_te, n_test, seed)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
-
-    def train_transform(xb: torch.Tensor) -> torch.Tensor:
-        if augment_train:
-            xb = augment(xb, generator=aug_gen)
-        return normalize(xb, dtype=dtype).contiguous(memory_format=memory_format)
-
-    def test_transform(xb: torch.Tensor) -> torch.Tensor:
-        return normalize(xb, dtype=dtype).contiguous(memory_format=memory_format)
-
-    train = DeviceLoader(x_tr, y_tr, batch_size, shuffle=True, transform=train_transform, seed=seed)
-    test = DeviceLoader(x_te, y_te, batch_size, shuffle=False, transform=test_transform)
-    return train, test
