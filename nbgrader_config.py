@@ -1,4 +1,10 @@
 # nbgrader configuration of the course (read by the `nbgrader` command run from this folder).
+from nbgrader.preprocessors import (CheckCellMetadata, ClearHiddenTests, ClearMarkScheme, ClearOutput,
+                                    ComputeChecksums, DeduplicateIds, IncludeHeaderFooter, InstantiateTests,
+                                    LockCells, OverwriteKernelspec, SaveCells)
+
+from fasttrain_course.nbgrader_plugins import ExerciseStubs, QuietOverwriteCells
+
 c = get_config()  # noqa: F821
 
 c.CourseDirectory.root = "."
@@ -10,3 +16,12 @@ c.CourseDirectory.course_id = "fasttrain"
 # and grading goes on with the next one.
 c.Execute.timeout = 120
 c.Execute.interrupt_on_timeout = True
+
+# nbgrader's own pipelines, with two of the course's preprocessors (fasttrain_course/nbgrader_plugins.py):
+# stubs that name their exercise, and no false tampering warnings for cells with hidden tests.
+c.GenerateAssignment.preprocessors = [
+    IncludeHeaderFooter, InstantiateTests, LockCells, ExerciseStubs, ClearOutput, CheckCellMetadata,
+    ComputeChecksums, SaveCells, ClearHiddenTests, ClearMarkScheme, ComputeChecksums, CheckCellMetadata,
+]
+c.Autograde.sanitize_preprocessors = [ClearOutput, DeduplicateIds, OverwriteKernelspec, QuietOverwriteCells,
+                                      CheckCellMetadata]

@@ -13,9 +13,13 @@ from .paths import course_root, resolve_chapters, tool, tool_env
 
 
 def release(root: Path | None = None, names: list[str] | None = None) -> None:
-    """Regenerate the student notebooks in course/ from solutions/ with nbgrader."""
+    """Write the install cell into each source notebook, then regenerate the student notebooks in course/ with nbgrader."""
+    from .install_cell import sync
+
     root = course_root(root)
-    for slug in resolve_chapters(names, root):
+    slugs = resolve_chapters(names, root)
+    sync(root, slugs)
+    for slug in slugs:
         subprocess.run([tool("nbgrader"), "generate_assignment", slug, "--force",
                         f"--CourseDirectory.root={root}"], check=True, env=tool_env(), cwd=str(root))
 

@@ -27,6 +27,12 @@ def _nbgrader(args: list[str], course: Path, timeout: int) -> subprocess.Complet
     return proc
 
 
+class Scores(dict):
+    """Scores per student, and the autograde log (`.log`) in which nbgrader reports what it noticed."""
+
+    log: str = ""
+
+
 def replace_solutions(nb: nbformat.NotebookNode, replacements: dict[str, str]) -> nbformat.NotebookNode:
     """A copy of `nb` whose solution cells named in `replacements` (by grade id) get new sources."""
     nb = nbformat.from_dict(nb)
@@ -80,6 +86,7 @@ def grade_variants(slug: str, variants: dict[str, dict[str, str]], timeout: int 
     course = Path(tempfile.mkdtemp(prefix=f"grade_{slug}_", dir=keep))
     try:
         shutil.copytree(ROOT / "solutions" / slug, course / "source" / slug)
+        shutil.copy(ROOT / "nbgrader_config.py", course / "nbgrader_config.py")  # the course's real configuration
         _nbgrader(["generate_assignment", slug, "--force"], course, timeout)
         released = nbformat.read(str(course / "release" / slug / f"{slug}.ipynb"), as_version=4)
         source = nbformat.read(str(course / "source" / slug / f"{slug}.ipynb"), as_version=4)
@@ -93,8 +100,9 @@ def grade_variants(slug: str, variants: dict[str, dict[str, str]], timeout: int 
             folder = course / "submitted" / name / slug
             folder.mkdir(parents=True)
             nbformat.write(nb, str(folder / f"{slug}.ipynb"))
-        _nbgrader(["autograde", slug, "--force"], course, timeout)
-        scores: dict[str, dict[str, float]] = {}
+        graded = _nbgrader(["autograde", slug, "--force"], course, timeout)
+        scores = Scores()
+        scores.log = graded.stdout + graded.stderr
         with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
             for name in students:
                 sub = gb.find_submission_notebook(slug, slug, name)

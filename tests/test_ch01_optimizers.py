@@ -94,3 +94,7 @@ def test_a_missed_target_fails_the_papermill_run_with_a_message_naming_it(repo_r
 def test_an_unknown_profile_fails_the_run_with_a_clear_error(repo_root, tmp_path):
     with pytest.raises(ChapterRunFailed, match="Unknown profile 'quick'"):
         run_chapter(SLUG, "quick", out_dir=tmp_path, results_dir=tmp_path, root=repo_root)
+
+
+def test_autograding_reports_no_false_tampering_warnings(scores):
+    assert "has changed" not in scores.log and "Tampering" not in scores.log, scores.log[-2000:]
