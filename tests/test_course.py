@@ -19,6 +19,7 @@ HIDDEN = re.compile(r"### (BEGIN|END) HIDDEN TESTS")
 @pytest.fixture(scope="module")
 def regenerated(repo_root, tmp_path_factory):
     course = tmp_path_factory.mktemp("release")
+    shutil.copy(repo_root / "nbgrader_config.py", course / "nbgrader_config.py")
     for slug in chapters(repo_root):
         shutil.copytree(repo_root / "solutions" / slug, course / "source" / slug)
         _nbgrader(["generate_assignment", slug, "--force"], course, timeout=60)
