@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from . import runtime
+from . import distributed, runtime
 from .datasets import CIFAR10_MEAN, CIFAR10_STD, balanced_subset, load_cifar10
 
 
@@ -101,11 +101,18 @@ class DeviceLoader:
     """Batches (xb, yb) of tensors already on the device, reshuffled on the device every epoch.
 
     In a dry run (`fasttrain.runtime`) a pass stops after a few batches; `len()` still counts a whole pass.
+
+    Under torch.distributed (`fasttrain.distributed`, with `shard=True`) each process takes its own
+    shard of every pass: all draw the same permutation from `seed` and take every world_size-th
+    index of it, so one step's batches together are one batch of world_size * batch_size (the
+    batch size is per process, as with torch's DistributedSampler). A shuffled loader pads its
+    shards to equal length (every process takes as many steps); an unshuffled one, for
+    evaluation, shards exactly. `len()` and `num_samples` count this process's shard.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = True,
                  drop_last: bool = False, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, shard: bool = True):
         if len(x) != len(y):
             raise ValueError(f"x ({len(x)}) and y ({len(y)}) must have the same number of samples")
         if x.device != y.device:
@@ -115,6 +122,7 @@ class DeviceLoader:
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.drop_last, self.transform = batch_size, shuffle, drop_last, transform
         self.generator = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
+        self.shard = shard
 
     @property
     def device(self) -> torch.device:
@@ -122,16 +130,28 @@ class DeviceLoader:
 
     @property
     def num_samples(self) -> int:
-        """How many samples one epoch visits (all of them unless drop_last cuts the tail)."""
-        return len(self) * self.batch_size if self.drop_last else len(self.x)
+        """How many samples one epoch visits (all of them unless drop_last cuts the tail; this process's shard)."""
+        if self.drop_last:
+            return len(self) * self.batch_size
+        return distributed.shard_size(len(self.x), pad=self.shuffle) if self._sharded() else len(self.x)
+
+    def _sharded(self) -> bool:
+        return self.shard and distributed.world_size() > 1
 
     def __len__(self) -> int:
-        n = len(self.x)
+        n = distributed.shard_size(len(self.x), pad=self.shuffle) if self._sharded() else len(self.x)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.x)
         order = torch.randperm(n, device=self.device, generator=self.generator) if self.shuffle else None
+        if self._sharded():
+            if self.shuffle and self.generator is None:
+                raise ValueError("Under torch.distributed every process must draw the same permutation: give the "
+                                 "DeviceLoader a seed (DeviceLoader(..., seed=0)), the same on every process")
+            order = distributed.shard(order if order is not None else torch.arange(n, device=self.device),
+                                      pad=self.shuffle)
+            n = len(order)
         for b in range(runtime.cut(len(self))):
             sl = slice(b * self.batch_size, min((b + 1) * self.batch_size, n))
             if order is None:
@@ -199,7 +219,7 @@ def cifar10_loaders(batch_size: int, root: str | os.PathLike | None = None, devi
         x_tr, y_tr = balanced_subset(x_tr, y_tr, n_train, seed)
     if n_test is not None:
         x_te, y_te = balanced_subset(x_te, y_te, n_test, seed)
-    aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    aug_gen = torch.Generator(device=device).manual_seed(seed + 1 + 1000 * distributed.rank())  # each process its own crops
     train = DeviceLoader(x_tr, y_tr, batch_size, shuffle=True, seed=seed,
                          transform=Preprocess(augment_train, dtype, channels_last, aug_gen))
     test = DeviceLoader(x_te, y_te, test_batch_size or batch_size, shuffle=False,

@@ -13,6 +13,7 @@ import time
 
 from matplotlib.figure import Figure
 
+from . import distributed
 from .tables import format_table
 from .train import Callback
 
@@ -33,7 +34,7 @@ class LiveBoard(Callback):
     """Curves of logged values, one panel per group of keys; a Learner callback or a plain logger.
 
     As a callback it logs each epoch's record. In your own loop call `board.log(step, **values)`
-    and `board.close()` at the end.
+    and `board.close()` at the end. Under torch.distributed only rank 0 shows or prints anything.
     """
 
     order = 50
@@ -49,6 +50,9 @@ class LiveBoard(Callback):
         self._handle = self._bar = self._label = None
         self._last_draw = 0.0
         self._closed = False
+        self.silent = not distributed.is_main()
+        if self.silent:
+            self.notebook = False
 
     # --- logging ----------------------------------------------------------------------
     def log(self, x: float, **values: float) -> None:
@@ -57,6 +61,8 @@ class LiveBoard(Callback):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.xs.setdefault(key, []).append(float(x))
                 self.ys.setdefault(key, []).append(float(value))
+        if self.silent:
+            return
         if self.notebook:
             now = time.perf_counter()
             if now - self._last_draw >= self.min_interval:
@@ -68,6 +74,8 @@ class LiveBoard(Callback):
 
     def progress(self, done: int, total: int, text: str = "") -> None:
         """Show progress `done`/`total` (a widget in a notebook; a terminal bar when attached to one)."""
+        if self.silent:
+            return
         if self.notebook:
             self._ensure_widgets()
             if self._bar is not None:

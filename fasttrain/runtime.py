@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import torch
 
-from . import results
+from . import distributed, results
 from .datasets import cache_dir
 from .device import default_threads, device_name, force_autocast_dtype, get_device, seed_everything  # noqa: F401
 
@@ -275,13 +275,16 @@ class Run:
             return None
         record = results.build_record(self)
         self.record = record
-        results.save_record(record, self.results_dir)
-        if os.environ.get(RECORD_OUT_ENV):  # the course tooling keeps the record with the executed notebook
+        main = distributed.is_main()  # under torch.distributed only rank 0 writes and prints
+        if main:
+            results.save_record(record, self.results_dir)
+        if main and os.environ.get(RECORD_OUT_ENV):  # the course tooling keeps the record with the executed notebook
             results.write_json_atomically(Path(os.environ[RECORD_OUT_ENV]), record)
-        results.print_record(record)
+        if main:
+            results.print_record(record)
         if _current is self:
             force_autocast_dtype(None)
-        if record["passed"] is not False:
+        if main and record["passed"] is not False:
             _remove_tree(self.checkpoint_dir)
         results.check_targets(record)
         return record
@@ -324,7 +327,8 @@ def start(chapter: str, profile: str = "auto", device: str | torch.device = "aut
               grading=GRADING_ENV in os.environ, data_dir=data_dir, results_dir=Path(results_dir),
               dry_run=dry_run, parameters={k: _jsonable(v) for k, v in (parameters or {}).items()})
     _current = run
-    print(run.describe())
+    if distributed.is_main():
+        print(run.describe())
     return run
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import runtime
+from . import distributed, runtime
 from .device import autocast, check_same_device, synchronize
 from .step import TrainStep
 
@@ -81,6 +81,7 @@ class Learner:
                  device: torch.device | str | None = None, mixed_precision: bool = False,
                  scheduler=None, clip_norm: float | None = None, clip_value: float | None = None,
                  name: str = "fit"):
+        model = distributed.wrap(model)  # DistributedDataParallel under torch.distributed; as it is otherwise
         self.model, self.train_data, self.valid_data = model, train_data, valid_data
         self.optimizer = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=1e-3)
         self.loss_fn, self.scheduler = loss_fn, scheduler
@@ -217,12 +218,31 @@ class Metrics(Callback):
         s["n"] += n
 
     def after_epoch(self) -> None:
+        if distributed.world_size() > 1:  # sums over every process: the metrics of all the data
+            self.sums = _reduce_sums(self.sums, self.learner.device)
         for split, s in self.sums.items():
             if s["n"] == 0:
                 continue
             self.learner.record[f"{split}_loss"] = float(s["loss"]) / s["n"]
             if isinstance(s["correct"], torch.Tensor):
                 self.learner.record[f"{split}_acc"] = int(s["correct"]) / s["n"]
+
+
+def _reduce_sums(sums: dict, device: torch.device) -> dict:
+    """The per-split loss, correct and n sums added over every process (every split on every process, even if empty)."""
+    splits = ("train", "valid")
+    values = []
+    for split in splits:
+        s = sums.get(split, {"loss": 0.0, "correct": None, "n": 0})
+        has_correct = isinstance(s["correct"], torch.Tensor)
+        values += [s["loss"], s["correct"] if has_correct else 0, s["n"], 1.0 if has_correct else 0.0]
+    totals = distributed.all_reduce_sum(values, device)
+    out = {}
+    for i, split in enumerate(splits):
+        loss, correct, n, has_correct = totals[4 * i: 4 * i + 4]
+        if n > 0:
+            out[split] = {"loss": loss, "correct": torch.tensor(round(correct)) if has_correct else None, "n": round(n)}
+    return out
 
 
 class Timing(Callback):
@@ -287,15 +307,16 @@ class Checkpoint(Callback):
         better = value > self.best if self.mode == "max" else value < self.best
         if better:
             self.best, self.best_epoch = value, self.learner.record["epoch"]
-            self.state = {k: v.detach().clone() for k, v in self.learner.model.state_dict().items()}
-            if self.path:
+            model = distributed.unwrap(self.learner.model)
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if self.path and distributed.is_main():
                 save_atomically(self.state, Path(self.path))
 
     def restore(self) -> None:
         """Load the best weights seen back into the model."""
         if self.state is None:
             raise RuntimeError(f"No epoch recorded {self.metric!r}: nothing to restore")
-        self.learner.model.load_state_dict(self.state)
+        distributed.unwrap(self.learner.model).load_state_dict(self.state)
 
 
 def save_atomically(obj, path: Path) -> None:
@@ -358,26 +379,39 @@ class Resume(Callback):
             raise RuntimeError(
                 f"The saved training state {self.path} belongs to another training (a different model or number of "
                 f"epochs). Delete it to start afresh, or give this training its own path.")
-        lrn.model.load_state_dict(state["model"])
+        distributed.unwrap(lrn.model).load_state_dict(state["model"])
         lrn.optimizer.load_state_dict(state["optimizer"])
         lrn.step.load_state_dict(state["step"])
-        set_rng_state(state["rng"])
+        own = state
+        if "ranks" in state or distributed.world_size() > 1:  # every process resumes its own generators
+            if len(state.get("ranks", [])) != distributed.world_size():
+                raise RuntimeError(
+                    f"The saved training state {self.path} was written by {len(state.get('ranks', [])) or 1} "
+                    f"process(es), and {distributed.world_size()} are resuming it: resume with as many processes, "
+                    f"or delete it to start afresh.")
+            own = state["ranks"][distributed.rank()]
+        set_rng_state(own["rng"])
         for name, data in (("train", lrn.train_data), ("valid", lrn.valid_data)):
-            if name in state["data"]:
-                data.load_state_dict(state["data"][name])
+            if name in own["data"]:
+                data.load_state_dict(own["data"][name])
         lrn.history[:] = state["history"]
         lrn.start_epoch = state["epoch"] + 1
         self.resumed_from = lrn.start_epoch
         if state.get("stopped"):
             lrn.start_epoch = lrn.epochs
-        print(f"Resumed {lrn.step.name!r} from {self.path.name} after epoch {state['epoch'] + 1} of {lrn.epochs}")
+        if distributed.is_main():
+            print(f"Resumed {lrn.step.name!r} from {self.path.name} after epoch {state['epoch'] + 1} of {lrn.epochs}")
 
     def after_epoch(self) -> None:
         lrn = self.learner
-        save_atomically({"model": lrn.model.state_dict(), "optimizer": lrn.optimizer.state_dict(),
-                         "step": lrn.step.state_dict(), "rng": rng_state(), "data": self._data_states(),
-                         "history": list(lrn.history), "epoch": lrn.epoch, "epochs": lrn.epochs,
-                         "stopped": lrn.stop_requested, "fingerprint": self._fingerprint()}, self.path)
+        state = {"model": distributed.unwrap(lrn.model).state_dict(), "optimizer": lrn.optimizer.state_dict(),
+                 "step": lrn.step.state_dict(), "rng": rng_state(), "data": self._data_states(),
+                 "history": list(lrn.history), "epoch": lrn.epoch, "epochs": lrn.epochs,
+                 "stopped": lrn.stop_requested, "fingerprint": self._fingerprint()}
+        if distributed.world_size() > 1:  # each process's generators; rank 0 writes them all
+            state["ranks"] = distributed.gather_objects({"rng": state["rng"], "data": state["data"]})
+        if distributed.is_main():
+            save_atomically(state, self.path)
 
 
 @torch.no_grad()
@@ -402,6 +436,9 @@ def evaluate(model: torch.nn.Module, data: Iterable, loss_fn: Callable = F.cross
             total_loss += loss.float() * yb.shape[0]
             correct += (preds.argmax(dim=1) == yb).sum()
             n += yb.shape[0]
+    if distributed.world_size() > 1:  # each process evaluated its shard: add them up
+        total_loss, correct, n = distributed.all_reduce_sum([total_loss, correct, n], device)
+        n = round(n)
     if n == 0:
         raise ValueError("evaluate() got no batches")
     return {"loss": float(total_loss) / n, "acc": int(correct) / n}
