@@ -52,8 +52,9 @@ def launch_links(slug: str, root: Path) -> str:
     path = f"course/{slug}/{slug}.ipynb"
     colab = f"https://colab.research.google.com/github/{owner_repo}/blob/{branch}/{path}"
     binder = f"https://mybinder.org/v2/gh/{owner_repo}/{branch}?labpath={path}"
-    return (f"[![Open the assignment in Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab}) "
-            f"[![Open the assignment in Binder](https://mybinder.org/badge_logo.svg)]({binder})")
+    # The badges are the course's own files (book/images), so that a page loads nothing from elsewhere.
+    return (f"[![Open the assignment in Colab](../images/open-in-colab.svg)]({colab}) "
+            f"[![Open the assignment in Binder](../images/launch-binder.svg)]({binder})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +229,8 @@ def build_book(root: Path | None = None, strict: bool = True, prefer: str = "com
     generated = root / "book" / "generated"
     generated.mkdir(exist_ok=True)
     (generated / "estimates.md").write_text(estimates_page(root))
-    cmd = [tool("jupyter-book"), "build", str(root), "--path-output", str(root)]
+    cmd = [tool("jupyter-book"), "build", str(root), "--path-output", str(root), "--all"]  # --all: every page's
+    # sidebar is rendered anew (an incremental build keeps the old titles of other pages in it)
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
     subprocess.run(cmd, check=True, env=tool_env(), cwd=str(root))

@@ -19,6 +19,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "GradScaler); its records never count as results")
     p.add_argument("--allow-cpu-full", action="store_true", help="start the full profile even on a CPU")
     p.add_argument("--estimate", action="store_true", help="print the cost estimate of the full profile and stop")
+    p.add_argument("--unpublished", action="store_true",
+                   help="only the chapters without a committed run in runs/ (what the book would otherwise lack)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         return estimates.main(root)
     if args.command in ("run", "all"):
         failed = []
-        for slug in resolve_chapters(args.chapters, root):
+        slugs = resolve_chapters(args.chapters, root)
+        if args.unpublished:
+            slugs = [s for s in slugs if not any((root / "runs" / p / f"{s}.ipynb").is_file() for p in ("full", "cpu"))]
+        for slug in slugs:
             label = args.profile + (f", dry run ({args.dry_run})" if args.dry_run else "")
             print(f"== {slug} ({label})", flush=True)
             start = time.perf_counter()
