@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("estimate", help="print (and with --write, record) the cost of each chapter's full profile, "
                                         "from its dry-run records")
     p.add_argument("--write", action="store_true", help="write fasttrain/estimates.json from the dry-run records")
+    p = sub.add_parser("gpu-check", help="on a GPU: run every chapter's full profile, publish the runs to runs/full/ "
+                                         "for the book, and print metric, target, time and estimate per chapter")
+    p.add_argument("chapters", nargs="*")
     p = sub.add_parser("publish", help="copy chapters' last good runs to runs/<profile>/, where the book reads them")
     p.add_argument("chapters", nargs="*")
     p.add_argument("--profile", default="cpu")
@@ -42,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("release", help="regenerate the student notebooks in course/ with nbgrader")
     p.add_argument("chapters", nargs="*")
     sub.add_parser("chapters", help="list the chapters")
+    p = sub.add_parser("grade", help="autograde every submission of an assignment, one `nbgrader autograde --student` "
+                                     "per core (each in the sandbox of nbgrader_config.py)")
+    p.add_argument("assignment")
+    p.add_argument("--jobs", "-j", type=int, default=None, help="parallel workers (default: one per core)")
+    p.add_argument("--student", action="append", default=None, help="only these students (repeatable)")
+    p.add_argument("nbgrader_args", nargs="*", help="after --: more arguments for each `nbgrader autograde`")
     args = parser.parse_args(argv)
 
     try:
@@ -50,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"The course tooling needs its extra dependencies ({exc.name} is missing): "
               f"pip install -e '.[course]' (or pip install -r requirements.txt)", file=sys.stderr)
         return 2
+    if args.command == "grade":  # any nbgrader course folder (the one with nbgrader_config.py)
+        from . import grade
+        return grade.main(args.root, args.assignment, args.jobs, args.student, args.nbgrader_args)
     root = course_root(args.root)
     if args.command == "chapters":
         print("\n".join(resolve_chapters(None, root)))
@@ -59,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "estimate":
         return estimates.main(root, write=args.write)
+    if args.command == "gpu-check":
+        return gpu_check(root, args.chapters)
     if args.command == "publish":
         for slug in resolve_chapters(args.chapters, root):
             print(f"published {chapters.publish(slug, args.profile, root).relative_to(root)}")
@@ -92,6 +106,40 @@ def main(argv: list[str] | None = None) -> int:
     index = book.build_book(root, prefer=prefer)
     print(f"The book is built: open {index}")
     return 0
+
+
+def gpu_check(root, names: list[str]) -> int:
+    """Run every chapter's full profile on this machine's GPU, publish the passing runs, print what each measured."""
+    import torch
+
+    from fasttrain.costs import load_estimates
+
+    from . import chapters
+
+    if not torch.cuda.is_available():
+        print("gpu-check runs the full profiles and needs a CUDA GPU; on a CPU check the code paths with "
+              "`fasttrain run --profile full --dry-run` instead.", file=sys.stderr)
+        return 2
+    estimates, failed = load_estimates(), []
+    print(f"{'chapter':<22}{'metric':<36}{'value':>10}{'target':>12}{'ok':>5}{'wall s':>9}{'est. H100 s':>12}")
+    for slug in resolve_chapters(names, root):
+        est = estimates.get(slug, {}).get("full", {}).get("seconds", {}).get("H100")
+        try:
+            outcome = chapters.run_chapter(slug, "full", root)
+            chapters.publish(slug, "full", root)
+            record = outcome.record
+        except chapters.ChapterRunFailed as exc:
+            print(f"{slug:<22}FAILED: {exc}")
+            failed.append(slug)
+            continue
+        for m in record["metrics"]:
+            if m["target"] is None:
+                continue
+            print(f"{slug:<22}{m['metric']:<36}{m['value']:>10.4g}{m['direction'] + ' ' + format(m['target'], 'g'):>12}"
+                  f"{'yes' if m['passed'] else 'NO':>5}{record['wall_seconds']:>9.0f}"
+                  f"{'' if est is None else format(est, '.0f'):>12}")
+    print("The full runs are in runs/full/ (commit them); `fasttrain book` shows them.")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
