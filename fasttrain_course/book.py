@@ -126,7 +126,9 @@ def _tag(cell, tag: str) -> None:
 
 def book_page(executed: Path, root: Path, results_dir: Path | None = None) -> nbformat.NotebookNode:
     """The book's chapter page for one executed run (see the module's docstring)."""
-    from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions
+    from nbgrader.preprocessors import ClearHiddenTests
+
+    from .nbgrader_plugins import ExerciseStubs
 
     slug = executed.stem
     nb = strip_for_publishing(nbformat.read(str(executed), as_version=4))
@@ -137,7 +139,7 @@ def book_page(executed: Path, root: Path, results_dir: Path | None = None) -> nb
     stale = record.get("source_hash") != code_hash(source)
     if not stale:
         _merge_current_prose(nb, source)
-    nb, _ = ClearSolutions().preprocess(nb, {})
+    nb, _ = ExerciseStubs().preprocess(nb, {})
     nb, _ = ClearHiddenTests().preprocess(nb, {})
     code_seen = 0
     for cell in nb.cells:
