@@ -15,13 +15,14 @@ import hashlib
 import os
 import pickle
 import stat
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .files import save_atomically
 
 ENV_VAR = "FASTTRAIN_DATA"
 CACHE_ENV_VAR = "FASTTRAIN_CACHE"
@@ -121,19 +122,10 @@ def _stamp(source: str, split: str) -> list[int]:
 
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, source: str, split: str) -> None:
     """Write the cache atomically (temporary file, then rename), so an interrupted write leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {"format": CACHE_FORMAT, "images": images, "labels": labels,
               "shape": tuple(images.shape), "checksum": _checksum(images, labels),
               "source": source, "stamp": _stamp(source, split)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a data cache may be read by everyone
-    try:
-        torch.save(record, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_atomically(record, path, mode=0o644)  # a data cache may be read by everyone
 
 
 def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -14,7 +14,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +22,7 @@ import torch
 
 from . import __version__
 from .device import device_name
+from .files import write_json_atomically  # noqa: F401  (re-exported for the tooling)
 
 if TYPE_CHECKING:
     from .runtime import Run
@@ -137,20 +137,6 @@ def profile_folder(record: dict) -> str:
     if record.get("dry_run"):
         return f"dry-run/{record['profile']}-{record['dry_run']}"
     return record["profile"]
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    """Write `data` as JSON to `path` through a temporary file and a rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_record(record: dict, results_dir: Path | str = "results") -> Path:

@@ -25,7 +25,6 @@ import contextlib
 import math
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 
 from . import distributed, runtime
 from .device import autocast, check_same_device, synchronize
+from .files import save_atomically
 from .step import TrainStep
 
 EVENTS = ("before_fit", "before_epoch", "before_batch", "after_loss", "after_backward", "after_step", "after_batch",
@@ -317,19 +317,6 @@ class Checkpoint(Callback):
         if self.state is None:
             raise RuntimeError(f"No epoch recorded {self.metric!r}: nothing to restore")
         distributed.unwrap(self.learner.model).load_state_dict(self.state)
-
-
-def save_atomically(obj, path: Path) -> None:
-    """torch.save through a temporary file and a rename: an interruption never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def rng_state() -> dict:

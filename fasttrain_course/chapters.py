@@ -20,7 +20,7 @@ from pathlib import Path
 
 import nbformat
 
-from fasttrain.results import write_json_atomically
+from fasttrain.files import atomic_write, write_json_atomically
 from fasttrain.runtime import RECORD_OUT_ENV, SOURCE_HASH_ENV, source_hash
 
 from .paths import course_root, source_notebook
@@ -53,15 +53,7 @@ def code_hash(nb: nbformat.NotebookNode) -> str:
 
 
 def write_notebook_atomically(nb: nbformat.NotebookNode, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        nbformat.write(nb, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: nbformat.write(nb, tmp))
 
 
 @contextlib.contextmanager
