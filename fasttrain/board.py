@@ -93,6 +93,9 @@ class LiveBoard(Callback):
         fig = self.figure()
         if self.notebook and not self._closed:
             self._draw(fig)
+            for widget in (getattr(self, "_box", None), self._bar, self._label):  # a finished bar is clutter
+                if widget is not None:
+                    widget.close()
         self._closed = True
         return fig
 
@@ -139,7 +142,8 @@ class LiveBoard(Callback):
             return
         self._bar = widgets.IntProgress(min=0, max=1, description="progress")
         self._label = widgets.Label()
-        display(widgets.HBox([self._bar, self._label]))
+        self._box = widgets.HBox([self._bar, self._label])
+        display(self._box)
 
     # --- as a Learner callback ----------------------------------------------------------
     def before_fit(self) -> None:
