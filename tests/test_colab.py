@@ -51,6 +51,8 @@ def colab(tmp_path_factory):
         if not entry.name.startswith(NOT_THE_COURSE) and not entry.name.endswith(".pth"):
             (preinstalled / entry.name).symlink_to(entry)
     (site / "colab-preinstalled.pth").write_text(str(preinstalled) + "\n")
+    # A new venv brings an old setuptools that would shadow the preinstalled one torch requires (Colab's is new).
+    subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", "setuptools"], check=True, capture_output=True)
     kernels = base / "jupyter" / "kernels" / "colab"
     kernels.mkdir(parents=True)
     (kernels / "kernel.json").write_text(json.dumps({
@@ -59,6 +61,7 @@ def colab(tmp_path_factory):
     probe = subprocess.run([str(python), "-c", "import importlib.util as u; print(u.find_spec('fasttrain'))"],
                            capture_output=True, text=True, check=True, cwd=base).stdout.strip()
     assert probe == "None", "the Colab-like environment must start without the course library"
+    (base / "home").mkdir()
     env = {"JUPYTER_PATH": str(base / "jupyter"), "FASTTRAIN_INSTALL": str(wheel), "PIP_NO_INDEX": "1",
            "PIP_DISABLE_PIP_VERSION_CHECK": "1", "HOME": str(base / "home"),
            "FASTTRAIN_CACHE": str(base / "cache"), "FASTTRAIN_DATA": os.environ.get("FASTTRAIN_DATA", "")}
