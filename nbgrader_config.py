@@ -25,3 +25,23 @@ c.GenerateAssignment.preprocessors = [
 ]
 c.Autograde.sanitize_preprocessors = [ClearOutput, DeduplicateIds, OverwriteKernelspec, QuietOverwriteCells,
                                       CheckCellMetadata]
+
+# Every submission's kernel runs in a sandbox (fasttrain_course/sandbox.py, bubblewrap): no network, the system
+# and the environment read-only, a private size-limited copy of that one submission's folder, no view of
+# solutions/, the gradebook or the other students, limits on memory, processes and CPU time. Without bubblewrap,
+# autograding stops and says how to install it.
+# nbgrader ignores a config file that raises an Exception (it logs it and goes on), which here would mean
+# grading unsandboxed: so a sandbox that cannot be set up stops nbgrader (SystemExit is not an Exception).
+try:
+    from fasttrain_course.sandbox import autograde_preprocessors
+    c.Autograde.autograde_preprocessors = autograde_preprocessors()  # nbgrader's own, with Execute sandboxed
+except Exception as exc:
+    raise SystemExit(f"nbgrader_config.py: the sandbox for student code cannot be set up: {exc!r}") from exc
+# Limits per submission (these are the defaults):
+# c.SandboxedKernelManager.memory_limit = 2 * 2**30   # bytes of data memory per process (RLIMIT_DATA)
+# c.SandboxedKernelManager.processes = 128            # processes and threads (RLIMIT_NPROC)
+# c.SandboxedKernelManager.cpu_time = 600             # CPU seconds per process (RLIMIT_CPU)
+# c.SandboxedKernelManager.disk_quota = 256 * 2**20   # bytes in the private folder ($HOME), and in /tmp
+# To grade WITHOUT a sandbox (student code then runs as you, and can read the solutions and rewrite the
+# gradebook), only where the deployment already isolates each submission:
+# c.SandboxedKernelManager.enabled = False

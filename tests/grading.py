@@ -18,6 +18,7 @@ BIN = Path(sys.executable).parent
 def _nbgrader(args: list[str], course: Path, timeout: int) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # nbgrader shells out to alembic
+    env["TRAITLETS_APPLICATION_RAISE_CONFIG_FILE_ERROR"] = "1"  # a broken nbgrader_config.py fails, not ignored
     cmd = [str(BIN / "nbgrader"), *args, f"--CourseDirectory.root={course}",
            "--CourseDirectory.source_directory=source", "--CourseDirectory.release_directory=release",
            f"--Execute.timeout={timeout}"]
@@ -119,3 +120,53 @@ def grade_variants(slug: str, variants: dict[str, dict[str, str]], timeout: int 
     finally:
         if keep is None:
             shutil.rmtree(course, ignore_errors=True)
+
+
+# --- A course laid out like this repository, graded with the README's commands (tests/test_sandbox.py) ---
+
+def nbgrader_command(args: list[str], course: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`nbgrader ARGS` run in `course` as the README says: its nbgrader_config.py, no overrides but `args`."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["TRAITLETS_APPLICATION_RAISE_CONFIG_FILE_ERROR"] = "1"
+    proc = subprocess.run([str(BIN / "nbgrader"), *args], cwd=course, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"nbgrader {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def course_like_repo(slug: str, course: Path) -> tuple[nbformat.NotebookNode, nbformat.NotebookNode]:
+    """Make `course` a course folder like the repository's (nbgrader_config.py, solutions/<slug>, the
+    release in course/<slug>, the gradebook); return (source, answered): the source notebook, and the
+    released notebook with every solution cell answered as in the source."""
+    course.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "solutions" / slug, course / "solutions" / slug)
+    shutil.copy(ROOT / "nbgrader_config.py", course / "nbgrader_config.py")
+    nbgrader_command(["generate_assignment", slug, "--force"], course)
+    released = nbformat.read(str(course / "course" / slug / f"{slug}.ipynb"), as_version=4)
+    source = nbformat.read(str(course / "solutions" / slug / f"{slug}.ipynb"), as_version=4)
+    answered = replace_solutions(released, {
+        c.metadata["nbgrader"]["grade_id"]: c.source for c in source.cells
+        if c.metadata.get("nbgrader", {}).get("solution")})
+    return source, answered
+
+
+def submit(course: Path, slug: str, student: str, nb: nbformat.NotebookNode) -> Path:
+    """Put `nb` in submitted/<student>/<slug>/ as nbgrader expects it."""
+    folder = course / "submitted" / student / slug
+    folder.mkdir(parents=True)
+    path = folder / f"{slug}.ipynb"
+    nbformat.write(nb, str(path))
+    return path
+
+
+def read_scores(course: Path, slug: str, students) -> Scores:
+    """Scores per student from the course's gradebook, as grade_variants returns them."""
+    from nbgrader.api import Gradebook
+
+    scores = Scores()
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        for name in students:
+            sub = gb.find_submission_notebook(slug, slug, name)
+            scores[name] = {"total": sub.score, "max": sub.max_score, **{g.name: g.score for g in sub.grades}}
+    return scores
