@@ -39,54 +39,129 @@ def random_batches(batch_size: int, device: torch.device | str, input_shape: tup
     return itertools.repeat((x, y))
 
 
+class StepTimer:
+    """Training steps of one model on cycled `batches`, ready to be warmed up and then timed (device synchronised).
+
+    `warm_up(steps)` runs untimed steps (allocation, cuDNN's search, torch.compile's compilation)
+    and keeps their seconds in `warmup_seconds`; `rate(steps)` is the images/s of `steps` timed
+    steps. Several timers can be timed in turns, so that a drift of the machine's speed spreads
+    over all of them instead of falling on one.
+    """
+
+    def __init__(self, model: torch.nn.Module, batches: Batches, device: torch.device | str,
+                 optimizer: torch.optim.Optimizer | None = None, mixed_precision: bool = False,
+                 loss_fn: Callable = F.cross_entropy, flags: dict | None = None, name: str = "throughput"):
+        self.device = torch.device(device)
+        optimizer = optimizer if optimizer is not None else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.model, self.flags = model, dict(flags or {})
+        self.step = TrainStep(model, optimizer, loss_fn, mixed_precision=mixed_precision, device=self.device, name=name)
+        self.stream = repeat_forever(batches)
+        self.warmup_seconds = 0.0
+
+    def plan(self, steps: int) -> None:
+        """Count `steps` planned steps towards a dry run's cost estimate."""
+        self.step.meter.plan(steps)
+
+    def _run(self, steps: int) -> int:
+        self.model.train()
+        images = 0
+        with backend_flags(**self.flags):
+            for _ in range(steps):
+                xb, yb = next(self.stream)
+                self.step(xb, yb)
+                images += yb.shape[0]
+        return images
+
+    def warm_up(self, steps: int) -> None:
+        """Untimed steps (at most one in a dry run); their seconds, compilation included, go to `warmup_seconds`."""
+        with Timer(self.device) as timer:
+            self._run(runtime.cut(steps, 1))
+        self.warmup_seconds += timer.seconds
+
+    def rate(self, steps: int) -> float:
+        """Images per second of `steps` training steps (one in a dry run), timed between two synchronisations."""
+        with Timer(self.device) as timer:
+            images = self._run(runtime.cut(steps, 1))
+        return images / timer.seconds
+
+
+def throughput_runs(model: torch.nn.Module, batches: Batches, device: torch.device | str, steps: int = 10,
+                    warmup: int = 3, repeats: int = 1, optimizer: torch.optim.Optimizer | None = None,
+                    mixed_precision: bool = False, loss_fn: Callable = F.cross_entropy) -> list[float]:
+    """Images per second of each of `repeats` timed runs of `steps` training steps on `batches` (cycled), after `warmup`."""
+    if steps < 1 or warmup < 0 or repeats < 1:
+        raise ValueError(f"need steps >= 1, warmup >= 0 and repeats >= 1, got {steps}, {warmup}, {repeats}")
+    timer = StepTimer(model, batches, device, optimizer, mixed_precision, loss_fn)
+    timer.plan(warmup + steps * repeats)
+    timer.warm_up(warmup)
+    return [timer.rate(steps) for _ in range(runtime.cut(repeats, 1))]
+
+
 def training_throughput(model: torch.nn.Module, batches: Batches, device: torch.device | str, steps: int = 10,
                         warmup: int = 3, repeats: int = 1, optimizer: torch.optim.Optimizer | None = None,
                         mixed_precision: bool = False, loss_fn: Callable = F.cross_entropy) -> float:
     """Images per second of training steps on `batches` (cycled), the median over `repeats` timed runs of `steps` steps."""
-    if steps < 1 or warmup < 0 or repeats < 1:
-        raise ValueError(f"need steps >= 1, warmup >= 0 and repeats >= 1, got {steps}, {warmup}, {repeats}")
-    device = torch.device(device)
-    optimizer = optimizer if optimizer is not None else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    step = TrainStep(model, optimizer, loss_fn, mixed_precision=mixed_precision, device=device, name="throughput")
-    step.meter.plan(warmup + steps * repeats)
-    model.train()
-    stream = repeat_forever(batches)
+    return statistics.median(throughput_runs(model, batches, device, steps, warmup, repeats, optimizer,
+                                             mixed_precision, loss_fn))
 
-    def one_step() -> int:
-        xb, yb = next(stream)
-        step(xb, yb)
-        return yb.shape[0]
 
-    for _ in range(runtime.cut(warmup, 1)):
-        one_step()
-    rates = []
-    for _ in range(runtime.cut(repeats, 1)):
-        with Timer(device) as timer:
-            images = sum(one_step() for _ in range(runtime.cut(steps, 1)))
-        rates.append(images / timer.seconds)
-    return statistics.median(rates)
+def _spread(rates: list[float]) -> dict:
+    """The median of repeated measurements, their lowest and highest values, and the values themselves."""
+    return {"images_per_s": statistics.median(rates), "low": min(rates), "high": max(rates), "runs": list(rates)}
 
 
 def batch_size_sweep(make_model: Callable[[], torch.nn.Module], batch_sizes: Iterable[int],
                      device: torch.device | str, images_per_point: int = 2048, min_steps: int = 3,
-                     warmup: int = 2, input_shape: tuple[int, ...] = (3, 32, 32), n_classes: int = 10) -> list[dict]:
-    """Training images/s of a fresh model at each batch size (random data on the device); stops at the first out-of-memory."""
+                     warmup: int = 2, repeats: int = 1, input_shape: tuple[int, ...] = (3, 32, 32),
+                     n_classes: int = 10) -> list[dict]:
+    """Training images/s of a fresh model at each batch size (random data on the device); stops at the first out-of-memory.
+
+    Every size is warmed up first; then the sizes are timed in turns, `repeats` rounds of about
+    `images_per_point` images each, so that a drift of the machine's speed spreads over the whole
+    curve instead of bending it at one point. Each row: batch_size, images_per_s (the median of the
+    rounds), low and high (their extremes), runs, ms_per_step and oom.
+    """
     device = torch.device(device)
-    rows = []
+    rows, timers = [], {}
     for bs in batch_sizes:
-        model = make_model().to(device)
-        steps = max(min_steps, images_per_point // bs)
         try:
-            rate = training_throughput(model, random_batches(bs, device, input_shape, n_classes), device,
-                                       steps=steps, warmup=warmup)
+            timer = StepTimer(make_model().to(device), random_batches(bs, device, input_shape, n_classes), device)
+            timer.plan(warmup + max(min_steps, images_per_point // bs) * repeats)
+            timer.warm_up(warmup)
         except torch.OutOfMemoryError:
-            rows.append({"batch_size": bs, "images_per_s": float("nan"), "ms_per_step": float("nan"), "oom": True})
+            rows.append(_out_of_memory_row(bs))
             _free_memory(device)
             break
-        finally:
-            del model
-        rows.append({"batch_size": bs, "images_per_s": rate, "ms_per_step": 1000 * bs / rate, "oom": False})
-    return rows
+        timers[bs] = timer
+    runs = {bs: [] for bs in timers}
+    for round_ in range(runtime.cut(repeats, 1)):
+        for bs in _rotated(list(timers), round_):
+            if bs not in timers:
+                continue
+            try:
+                runs[bs].append(timers[bs].rate(max(min_steps, images_per_point // bs)))
+            except torch.OutOfMemoryError:      # only without warm-up: this size and every larger one are out
+                rows = [_out_of_memory_row(bs)]
+                for larger in [b for b in timers if b >= bs]:
+                    del timers[larger]
+                _free_memory(device)
+    measured = []
+    for bs in timers:
+        row = {"batch_size": bs, **_spread(runs[bs])}
+        measured.append({**row, "ms_per_step": 1000 * bs / row["images_per_s"], "oom": False})
+    return measured + rows
+
+
+def _out_of_memory_row(batch_size: int) -> dict:
+    nan = float("nan")
+    return {"batch_size": batch_size, "images_per_s": nan, "low": nan, "high": nan, "runs": [], "ms_per_step": nan,
+            "oom": True}
+
+
+def _rotated(items: list, k: int) -> list:
+    """`items` starting at position k (mod len): each round of a timing starts with another row."""
+    k %= max(1, len(items))
+    return items[k:] + items[:k]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,8 +229,11 @@ SWITCH_LABELS = {
     "cudnn_benchmark": "cudnn.benchmark",
     "compile": "torch.compile",
     "dataloader": "DataLoader instead of device-resident data",
-    "all": "all switches that apply (device-resident data)",
+    "all": "together: every measured switch but compile and the DataLoader",
 }
+# The switches the "all" row never includes: the DataLoader is the slow path, not a switch to turn
+# on, and compiling takes longer than a short training saves (the chapter's final trainer leaves it out).
+_NOT_IN_ALL = {"baseline", "dataloader", "compile", "all"}
 
 
 def switch_applies(switch: str, device: torch.device | str) -> bool:
@@ -171,61 +249,70 @@ def switch_applies(switch: str, device: torch.device | str) -> bool:
 
 
 def speed_switch_table(make_model: Callable[[], torch.nn.Module], images: torch.Tensor, labels: torch.Tensor,
-                       device: torch.device | str, batch_size: int = 256, steps: int = 10, warmup: int = 3,
-                       repeats: int = 1, compile_model: bool = False, num_workers: int = 0,
-                       skipped_reason: str = "skipped (compile_model=False)") -> list[dict]:
-    """Training images/s with each speed switch alone, then all that apply, against the fp32 device-resident baseline.
+                       device: torch.device | str, switches: Iterable[str] = SWITCHES, batch_size: int = 256,
+                       steps: int = 10, warmup: int = 3, repeats: int = 3, num_workers: int = 0,
+                       compile_options: dict | None = None,
+                       skipped_reason: str = "not measured in this run") -> list[dict]:
+    """Training images/s with each speed switch alone, then the switches together, against the fp32 device-resident baseline.
 
-    `images` are uint8 NCHW (CIFAR-10 as `load_cifar10` returns it), `labels` int64; a fresh model per row.
-    Rows: {"switch", "label", "status" ("measured", "GPU only" or `skipped_reason`), "images_per_s", "speedup"}.
+    `images` are uint8 NCHW (CIFAR-10 as `load_cifar10` returns it), `labels` int64. Every switch in
+    `switches` gets a fresh model; after every row's warm-up, the rows are timed in turns, `repeats`
+    rounds (each starting with another row), so that a drift of the machine's speed spreads over all of them. The other rows say
+    "GPU only" (the switch does nothing on this device) or `skipped_reason`. `compile_options` go to
+    `torch.compile`. Rows: {"switch", "label", "status", "images_per_s" (median), "low", "high",
+    "runs", "speedup" (median over the baseline's), "warmup_seconds"}.
     """
     device = torch.device(device)
+    asked = set(switches)
+    if asked - set(SWITCHES) or "baseline" not in asked:
+        raise ValueError(f"switches must include 'baseline' and name only {SWITCHES}, got {sorted(asked)}")
+    switches = [s for s in SWITCHES if s in asked]
     if len(images) < batch_size:
         raise ValueError(f"need at least one full batch: {len(images)} images for batch_size={batch_size}")
     on_device = images.to(device), labels.to(device)
-    # An untimed run first, so the baseline row does not pay the process's one-off costs (thread
-    # pools, allocator, kernel libraries' first calls) that every later row would be spared.
-    _measure_switches(set(), make_model, on_device, device, batch_size, 1, warmup, 1, num_workers)
-    rows = []
+    together = {s for s in switches if s not in _NOT_IN_ALL}
+    rows, timers = [], {}
     for switch in SWITCHES:
-        row = {"switch": switch, "label": SWITCH_LABELS[switch], "status": "measured",
-               "images_per_s": float("nan"), "speedup": float("nan")}
+        row = {"switch": switch, "label": SWITCH_LABELS[switch], "status": "measured", "images_per_s": float("nan"),
+               "low": float("nan"), "high": float("nan"), "runs": [], "speedup": float("nan"),
+               "warmup_seconds": float("nan")}
         rows.append(row)
-        if not switch_applies(switch, device):
-            row["status"] = "GPU only"
+        if switch not in switches:
+            row["status"] = "GPU only" if not switch_applies(switch, device) else skipped_reason
             continue
-        if switch == "compile" and not compile_model:
-            row["status"] = skipped_reason
-            continue
-        on = {s for s in SWITCHES if switch_applies(s, device)} - {"dataloader"} if switch == "all" else {switch}
-        if "compile" in on and not compile_model:
-            on.discard("compile")
-        row["images_per_s"] = _measure_switches(on, make_model, on_device, device, batch_size, steps, warmup,
-                                                repeats, num_workers)
+        on = together if switch == "all" else ({switch} - {"baseline"})
+        timers[switch] = _switch_timer(on, make_model, on_device, device, batch_size, num_workers, compile_options)
+        timers[switch].plan(warmup + steps * repeats)
+        timers[switch].warm_up(warmup)
+    runs = {switch: [] for switch in timers}
+    for round_ in range(runtime.cut(repeats, 1)):
+        for switch in _rotated(list(timers), round_):
+            runs[switch].append(timers[switch].rate(steps))
+    for row in rows:
+        if row["switch"] in timers:
+            row.update(_spread(runs[row["switch"]]), warmup_seconds=timers[row["switch"]].warmup_seconds)
     base = rows[0]["images_per_s"]
     for row in rows:
         row["speedup"] = row["images_per_s"] / base
     return rows
 
 
-def _measure_switches(on: set[str], make_model: Callable[[], torch.nn.Module],
-                      data: tuple[torch.Tensor, torch.Tensor], device: torch.device, batch_size: int, steps: int,
-                      warmup: int, repeats: int, num_workers: int) -> float:
-    """Images/s of a fresh model trained with the switches in `on` turned on and every other one off."""
-    channels_last = "channels_last" in on
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+def _switch_timer(on: set[str], make_model: Callable[[], torch.nn.Module], data: tuple[torch.Tensor, torch.Tensor],
+                  device: torch.device, batch_size: int, num_workers: int, compile_options: dict | None) -> StepTimer:
+    """Training steps of a fresh model with the switches in `on` turned on and every other one off."""
+    memory_format = torch.channels_last if "channels_last" in on else torch.contiguous_format
     model = make_model().to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    trained = torch.compile(model) if "compile" in on else model
+    trained = torch.compile(model, **(compile_options or {})) if "compile" in on else model
     if "dataloader" in on:
         inner = dataloader_batches(data[0], data[1], batch_size, device, num_workers)
         batches = ((xb.contiguous(memory_format=memory_format), yb) for xb, yb in repeat_forever(inner))
     else:
         batches = DeviceLoader(data[0], data[1], batch_size, drop_last=True,
                                transform=lambda xb: normalize(xb).contiguous(memory_format=memory_format))
-    with backend_flags(tf32="tf32" in on, cudnn_benchmark="cudnn_benchmark" in on):
-        return training_throughput(trained, batches, device, steps=steps, warmup=warmup, repeats=repeats,
-                                   optimizer=optimizer, mixed_precision="autocast" in on)
+    return StepTimer(trained, batches, device, optimizer, mixed_precision="autocast" in on,
+                     flags={"tf32": "tf32" in on, "cudnn_benchmark": "cudnn_benchmark" in on},
+                     name=f"speed switches: {' + '.join(sorted(on)) or 'baseline'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,22 +320,45 @@ def _measure_switches(on: set[str], make_model: Callable[[], torch.nn.Module],
 # ---------------------------------------------------------------------------------------------
 
 class SimulatedMemoryLimit(torch.nn.Module):
-    """Wrap a model so a forward pass on more than `max_batch` images raises torch.OutOfMemoryError, as a full GPU would.
+    """Wrap a model so that a training step on more than `max_batch` images runs out of memory, as on a full GPU.
 
-    `tried` lists every batch size the wrapper was called with, so a test can count the probes.
+    As on a GPU, the training step needs more memory than the forward pass alone: a forward pass
+    (with or without gradients) of up to `forward_factor * max_batch` images runs, and the backward
+    pass of a batch above `max_batch` raises `torch.OutOfMemoryError`, so a probe that never runs
+    the backward pass finds too large a batch. `tried` lists the batch size of every forward call.
     """
 
-    def __init__(self, model: torch.nn.Module, max_batch: int):
+    def __init__(self, model: torch.nn.Module, max_batch: int, forward_factor: float = 2.0):
         super().__init__()
-        self.model, self.max_batch = model, max_batch
+        self.model, self.max_batch, self.forward_factor = model, max_batch, forward_factor
         self.tried: list[int] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.tried.append(x.shape[0])
-        if x.shape[0] > self.max_batch:
-            raise torch.OutOfMemoryError(
-                f"Simulated out of memory: a batch of {x.shape[0]} images, the limit is {self.max_batch}.")
-        return self.model(x)
+        n = x.shape[0]
+        self.tried.append(n)
+        if n > self.forward_factor * self.max_batch:
+            raise torch.OutOfMemoryError(_simulated_oom(n, "forward", self.forward_factor * self.max_batch))
+        out = self.model(x)
+        if n > self.max_batch and torch.is_grad_enabled() and out.requires_grad:
+            out = _OutOfMemoryInBackward.apply(out, _simulated_oom(n, "backward", self.max_batch))
+        return out
+
+
+def _simulated_oom(n: int, where: str, limit: float) -> str:
+    return f"Simulated out of memory in the {where} pass: a batch of {n} images, the limit is {int(limit)}."
+
+
+class _OutOfMemoryInBackward(torch.autograd.Function):
+    """The identity, whose backward pass raises torch.OutOfMemoryError (the batch's gradients do not fit)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, message: str) -> torch.Tensor:
+        ctx.message = message
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise torch.OutOfMemoryError(ctx.message)
 
 
 def fits_in_memory(model: torch.nn.Module, batch_size: int, device: torch.device | str,
