@@ -26,6 +26,7 @@ from nbclient.exceptions import CellExecutionError
 from conftest import ROOT
 from fasttrain_course.paths import chapters
 from grading import replace_solutions
+from wheel import library_wheel
 
 COLAB_HAS = ("torch", "torchvision", "numpy", "matplotlib", "sklearn", "scikit_learn", "ipywidgets", "ipykernel",
              "jupyter_client", "jupyter_core", "traitlets", "tornado", "zmq", "pyzmq", "IPython", "ipython")
@@ -36,9 +37,7 @@ NOT_THE_COURSE = ("fasttrain", "__editable__", "_fasttrain")
 def colab(tmp_path_factory):
     """(kernel name, environment) of a Colab-like kernel whose venv lacks the course library."""
     base = tmp_path_factory.mktemp("colab")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(base / "dist"), str(ROOT)], check=True, capture_output=True)
-    wheel = next((base / "dist").glob("fasttrain_course-*.whl"))
+    wheel = library_wheel()
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"

@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import fasttrain
+from wheel import library_wheel
 
 TOOLING = ("papermill", "nbgrader", "nbformat", "nbclient", "jupyter_book", "myst_nb", "sphinx", "yaml",
            "fasttrain_course")
@@ -32,9 +33,7 @@ def test_the_library_never_imports_the_tooling_package():
 
 
 def test_a_wheel_of_the_library_imports_outside_the_repository(repo_root, tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(repo_root)], check=True, capture_output=True)
-    wheel = next((tmp_path / "dist").glob("fasttrain_course-*.whl"))
+    wheel = library_wheel()
     names = zipfile.ZipFile(wheel).namelist()
     assert "fasttrain/targets.csv" in names and "fasttrain/estimates.json" in names
     target = tmp_path / "site"
