@@ -26,7 +26,7 @@ from nbclient.exceptions import CellExecutionError
 from conftest import ROOT
 from fasttrain_course.paths import chapters
 from grading import replace_solutions
-from wheel import library_wheel
+from built_wheel import library_wheel
 
 COLAB_HAS = ("torch", "torchvision", "numpy", "matplotlib", "sklearn", "scikit_learn", "ipywidgets", "ipykernel",
              "jupyter_client", "jupyter_core", "traitlets", "tornado", "zmq", "pyzmq", "IPython", "ipython")

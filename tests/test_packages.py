@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 import fasttrain
-from wheel import library_wheel
+from built_wheel import library_wheel
 
 TOOLING = ("papermill", "nbgrader", "nbformat", "nbclient", "jupyter_book", "myst_nb", "sphinx", "yaml",
            "fasttrain_course")
