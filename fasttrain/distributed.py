@@ -281,10 +281,11 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 class PerDeviceBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d as `devices` processes compute it on a batch split between them, simulated in one process.
 
-    In training each of `devices` equal slices of the batch is normalised with its own statistics
-    (what every process of a DDP job does with plain BatchNorm); the running statistics follow the
-    first slice, as DDP keeps rank 0's buffers. Gradients, averaged over the slices by the loss's
-    mean, equal DDP's averaged gradients. In evaluation it is an ordinary BatchNorm2d.
+    Device r holds samples r, r + devices, r + 2 * devices, ... of the batch (the strided shards
+    of `shard`). In training each device's samples are normalised with their own statistics, as
+    every process of a DDP job does with plain BatchNorm; the running statistics follow device 0,
+    as DDP keeps rank 0's buffers. With the loss averaged over the whole batch, the gradients
+    equal DDP's averaged gradients. In evaluation it is an ordinary BatchNorm2d.
     """
 
     def __init__(self, num_features: int, devices: int = 1, **kwargs):
@@ -300,17 +301,17 @@ class PerDeviceBatchNorm2d(nn.BatchNorm2d):
         if n % self.devices:
             raise ValueError(f"a batch of {n} cannot be split evenly over {self.devices} devices: choose a batch "
                              f"size that is a multiple of {self.devices}")
-        parts = x.reshape(self.devices, n // self.devices, *x.shape[1:])
-        dims = (1, 3, 4)
+        parts = x.reshape(n // self.devices, self.devices, *x.shape[1:])  # parts[:, r] is device r's share
+        dims = (0, 3, 4)
         mean = parts.mean(dims, keepdim=True)
         var = parts.var(dims, unbiased=False, keepdim=True)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                count = parts[0].numel() / x.shape[1]
-                self.running_mean.lerp_(mean[0].flatten(), m)
-                self.running_var.lerp_(var[0].flatten() * count / max(count - 1, 1), m)
+                count = n // self.devices * x.shape[2] * x.shape[3]
+                self.running_mean.lerp_(mean[0, 0].flatten(), m)
+                self.running_var.lerp_(var[0, 0].flatten() * count / max(count - 1, 1), m)
         out = ((parts - mean) * torch.rsqrt(var + self.eps)).reshape_as(x)
         if self.affine:
             out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
@@ -322,8 +323,11 @@ def convert_batchnorm(model: nn.Module, make: Callable[[nn.BatchNorm2d], nn.Modu
     for name, child in list(model.named_children()):
         if isinstance(child, nn.BatchNorm2d) and type(child) in (nn.BatchNorm2d, SyncBatchNorm2d, PerDeviceBatchNorm2d):
             new = make(child)
+            like = next(iter(child.state_dict().values()), None)  # keep the old layer's device and dtype
+            if like is not None:
+                new.to(device=like.device, dtype=child.weight.dtype if child.affine else child.running_mean.dtype)
             new.load_state_dict(child.state_dict())
-            setattr(model, name, new.to(child.weight.device if child.affine else child.running_mean.device))
+            setattr(model, name, new)
         else:
             convert_batchnorm(child, make)
     return model
@@ -355,6 +359,8 @@ class ProcessFailed(RuntimeError):
 def _child(fn, rank_, world, store_dir, timeout_s, args, conn) -> None:
     try:
         torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
+        if sys.platform.startswith("linux"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: connect over the loopback
         os.environ.update(RANK=str(rank_), LOCAL_RANK=str(rank_), WORLD_SIZE=str(world))
         dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank_, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
