@@ -33,8 +33,10 @@ c.Autograde.sanitize_preprocessors = [ClearOutput, DeduplicateIds, OverwriteKern
 # nbgrader ignores a config file that raises an Exception (it logs it and goes on), which here would mean
 # grading unsandboxed: so a sandbox that cannot be set up stops nbgrader (SystemExit is not an Exception).
 try:
-    from fasttrain_course.sandbox import autograde_preprocessors
+    from fasttrain_course.sandbox import RefuseOutsideLinks, autograde_preprocessors
     c.Autograde.autograde_preprocessors = autograde_preprocessors()  # nbgrader's own, with Execute sandboxed
+    # nbgrader reads a submission as you: a submitted link to solutions/ would be graded as the solution.
+    c.Autograde.sanitize_preprocessors = [RefuseOutsideLinks, *c.Autograde.sanitize_preprocessors]
 except Exception as exc:
     raise SystemExit(f"nbgrader_config.py: the sandbox for student code cannot be set up: {exc!r}") from exc
 # Limits per submission (these are the defaults):

@@ -41,6 +41,7 @@ import os
 import shutil
 import site
 import stat
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -48,15 +49,17 @@ from pathlib import Path
 
 from jupyter_client.manager import AsyncKernelManager, KernelManager
 from nbclient.exceptions import DeadKernelError
+from nbconvert.preprocessors import Preprocessor
 from nbgrader.preprocessors import Execute
 from traitlets import Bool, Integer, List, Unicode, default
 
 GiB, MiB = 2 ** 30, 2 ** 20
 
+OPT_OUT_HINT = ("To grade without a sandbox (student code then runs as you, and can read the solutions and "
+                "rewrite the gradebook), set `c.SandboxedKernelManager.enabled = False` in nbgrader_config.py.")
 INSTALL_HINT = ("Install bubblewrap: `sudo apt-get install bubblewrap` (Debian, Ubuntu), `sudo dnf install "
                 "bubblewrap` (Fedora), `sudo pacman -S bubblewrap` (Arch); in a container image, add it to the "
-                "image. To grade without a sandbox (student code then runs as you, and can read the solutions "
-                "and rewrite the gradebook), set `c.SandboxedKernelManager.enabled = False` in nbgrader_config.py.")
+                "image. " + OPT_OUT_HINT)
 
 # Inside the sandbox.
 HOME = "/home/student"
@@ -184,9 +187,10 @@ class SandboxedKernelManager(AsyncKernelManager):
         if self.enabled:
             staging = os.path.join(self._private, "submission")
             self._stage(self._submission, staging)
-            kernel_cmd = self._command(kernel_cmd, staging, os.path.basename(self._submission))
             kw["env"] = self._kernel_env(kw.get("env") or dict(os.environ))
             kw["cwd"] = self._private
+            self._preflight(staging, kw["env"])
+            kernel_cmd = self._command(kernel_cmd, staging, os.path.basename(self._submission))
             self.log.debug("Sandboxed kernel: %s", kernel_cmd)
         else:
             self.log.warning("Grading WITHOUT a sandbox (c.SandboxedKernelManager.enabled = False): student code "
@@ -218,6 +222,28 @@ class SandboxedKernelManager(AsyncKernelManager):
             msg = f"Autograding stopped: the sandbox for student code needs bubblewrap ({self.bwrap!r} not found). "
             self.log.error(msg + INSTALL_HINT)
             raise SandboxUnavailable(msg + INSTALL_HINT)
+
+    _works: bool = False  # the sandbox started once in this process
+
+    def _preflight(self, staging: str, env: dict[str, str]) -> None:
+        """Start the sandbox once with `python -c pass`: if bwrap cannot build it here, stop with its reason."""
+        if SandboxedKernelManager._works:
+            return
+        cmd = self._command([sys.executable, "-I", "-S", "-c", "pass"], staging, "preflight")
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=self._private, capture_output=True, text=True, timeout=60)
+            failed, reason = proc.returncode != 0, proc.stderr.strip()[-2000:]
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            failed, reason = True, repr(exc)
+        if failed:
+            msg = (f"Autograding stopped: bubblewrap could not build the sandbox for student code on this machine: "
+                   f"{reason or 'no message'}. bwrap needs unprivileged user namespaces (sysctl "
+                   f"kernel.unprivileged_userns_clone=1 on older Debian kernels; on Ubuntu 24.04 and later an AppArmor "
+                   f"profile for bwrap, or kernel.apparmor_restrict_unprivileged_userns=0) and, inside a container, "
+                   f"a seccomp profile that allows creating namespaces. " + OPT_OUT_HINT)
+            self.log.error(msg)
+            raise SandboxUnavailable(msg)
+        SandboxedKernelManager._works = True
 
     def protected(self) -> list[str]:
         """Folders no read-only bind may contain: the course (grader's working folder), the submission, home."""
@@ -309,10 +335,17 @@ class SandboxedKernelManager(AsyncKernelManager):
             view += ["--ro-bind", b, b]
         view += ["--ro-bind", staging, STAGING, "--perms", "0755", "--dir", HOME]
 
+        # (JPY_PARENT_PID, which jupyter_client sets, is the grader's pid: it means nothing in the sandbox's PID
+        # namespace, where the kernel's parent may be pid 1, which ipykernel takes for "my parent died". 1 tells
+        # ipykernel not to watch its parent (--die-with-parent does that job) and not to print a banner.)
         private = ["--unshare-user", "--disable-userns", "--new-session", "--die-with-parent",
+                   "--setenv", "JPY_PARENT_PID", "1",
                    "--size", str(self.disk_quota), "--tmpfs", HOME,
-                   "--size", str(self.disk_quota), "--tmpfs", "/tmp",
-                   "--bind", conn, conn, "--remount-ro", "/"]
+                   "--size", str(self.disk_quota), "--tmpfs", "/tmp"]
+        for b in binds:  # what the two tmpfs just covered (a venv under /tmp, say) is bound again on top
+            if _is_within(b, "/tmp") or _is_within(b, HOME):
+                private += ["--ro-bind", b, b]
+        private += ["--bind", conn, conn, "--remount-ro", "/"]
         workdir = f"{HOME}/{name}"
         python = sys.executable
         kernel = [python, "-I", "-S", "-c", _LAUNCHER, "limits", str(self.processes), str(self.memory_limit),
@@ -369,6 +402,31 @@ class SandboxedExecute(Execute):
 def _error(ename: str, evalue: str):
     from nbformat.v4 import new_output
     return new_output("error", ename=ename, evalue=evalue, traceback=[f"{ename}: {evalue}"])
+
+
+class RefuseOutsideLinks(Preprocessor):
+    """Fail a submission whose folder holds a symbolic link to anything outside it.
+
+    nbgrader reads the submitted notebook and copies the submission's other files as the grader,
+    following links: a submitted notebook that is a link to solutions/.../*.ipynb would be graded as
+    the solution itself, before any sandbox starts. (Archives unpacked into submitted/ keep links.)
+    Put first in c.Autograde.sanitize_preprocessors; nbgrader then reports that one submission as
+    failed, removes what it copied, and goes on with the class.
+    """
+
+    def preprocess(self, nb, resources):
+        given = os.path.abspath(resources.get("metadata", {}).get("path") or ".")
+        for path in (given, os.path.dirname(given)):  # submitted/<student>/<assignment> and submitted/<student>
+            if os.path.islink(path):
+                raise SandboxError(f"{path} is a link to {os.readlink(path)}: not graded (submit the folder itself)")
+        folder = os.path.realpath(given)
+        for here, dirs, files in os.walk(folder):
+            for name in dirs + files:
+                path = os.path.join(here, name)
+                if os.path.islink(path) and not _is_within(os.path.realpath(path), folder):
+                    raise SandboxError(f"{path} is a link to {os.readlink(path)}, outside the submission: "
+                                       f"not graded (replace it with the file itself)")
+        return nb, resources
 
 
 def autograde_preprocessors() -> list:

@@ -15,6 +15,7 @@ written by parallel workers.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -28,7 +29,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from fasttrain_course.sandbox import SandboxedKernelManager
+from fasttrain_course.sandbox import INSTALL_HINT, SandboxedKernelManager
 from grading import (ROOT, course_like_repo, edit_solution, nbgrader_command, read_scores, replace_solutions,
                      solution_source, submit)
 
@@ -40,8 +41,12 @@ LIMITS = SandboxedKernelManager.class_traits()
 PROCESSES = LIMITS["processes"].default_value
 QUOTA_MIB = LIMITS["disk_quota"].default_value // 2 ** 20
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                reason="bubblewrap is not installed (apt-get install bubblewrap; .ci/run installs it)")
+
+@pytest.fixture(autouse=True)
+def _bubblewrap():
+    if shutil.which("bwrap") is None:  # every grading test needs it: fail, do not skip
+        pytest.fail(f"bubblewrap is not installed. {INSTALL_HINT}")
+
 
 # Chapter 1's hidden tests that cannot be talked round (fasttrain/checks.py): comparisons with functions
 # captured before any student code, and classes that must not derive from torch's optimizers.
@@ -248,6 +253,9 @@ def graded(tmp_path_factory):
         attack = attackers(course, listener.port)
         for name, (kind, cells) in attack.items():
             submit(course, SLUG, name, replace_solutions(base[kind], cells))
+        link = course / "submitted" / "mallory_link" / SLUG  # the submitted notebook is a link to the solutions
+        link.mkdir(parents=True)
+        (link / f"{SLUG}.ipynb").symlink_to(course / "solutions" / SLUG / f"{SLUG}.ipynb")
         for honest in ("nora", "zoe"):  # one in the middle of the attackers (sorted), one after all of them
             submit(course, SLUG, honest, answered)
         start = time.perf_counter()
@@ -255,9 +263,13 @@ def graded(tmp_path_factory):
         seconds = time.perf_counter() - start
     finally:
         listener.close()
-    students = ["alice", "bob", *attack, "nora", "zoe"]
+    students = ["alice", "bob", *attack, "mallory_link", "nora", "zoe"]
+    scores = read_scores(course, SLUG, students)
+    print(f"\nthe class graded in {seconds:.0f} s (pytest -s shows this):")
+    for name, s in scores.items():
+        print(f"  {name:20} {s['total']:g}/{s['max']:g}  " + " ".join(f"{t}={s[t]:g}" for t in TESTS))
     return dict(course=course, before=before, after=snapshot(course, ["alice", "bob"]), first=first, second=second,
-                seconds=seconds, scores=read_scores(course, SLUG, students), listener=listener,
+                seconds=seconds, scores=scores, listener=listener,
                 log=second.stdout + second.stderr)
 
 
@@ -270,9 +282,17 @@ def test_honest_students_are_graded_as_usual(graded):
 
 def test_grading_goes_on_for_the_whole_class(graded):
     log = graded["log"]
-    assert "There was an error processing assignment" not in log, log[-4000:]
+    failed = {line.split("for student ")[1].strip("' ") for line in log.splitlines()
+              if "There was an error processing assignment '" in line}
+    assert failed == {"mallory_link"}, log[-4000:]  # refused (below); every other submission is graded
     for name in graded["scores"]:
-        assert (graded["course"] / "autograded" / name / SLUG / f"{SLUG}.ipynb").is_file(), f"{name} not graded"
+        graded_nb = graded["course"] / "autograded" / name / SLUG / f"{SLUG}.ipynb"
+        assert graded_nb.is_file() == (name != "mallory_link"), name
+
+
+def test_a_submitted_link_to_the_solutions_is_refused(graded):
+    assert "is a link to" in graded["log"] and "outside the submission: not graded" in graded["log"]
+    assert graded["scores"]["mallory_link"]["total"] == 0
 
 
 def test_nothing_outside_the_sandbox_changed(graded):
@@ -363,3 +383,154 @@ def test_filling_the_disk_stops_at_the_quota(graded):
         mib = int(out.split(f"DISK FULL in {folder} after ")[1].split()[0])
         assert 0 < mib <= QUOTA_MIB, out
     assert graded["scores"]["mallory_disk"]["total"] == 10
+
+
+# --- A tiny course (no torch: a kernel starts in a second) for what the class above does not reach ---
+
+def _tiny_course(course: Path) -> nbformat.NotebookNode:
+    """A course with one assignment `a1`: a solution cell defining f, and two tests of a point each."""
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    def meta(**kw):
+        return {"nbgrader": {"schema_version": 3, **kw}}
+
+    (course / "solutions" / "a1").mkdir(parents=True)
+    shutil.copy(ROOT / "nbgrader_config.py", course / "nbgrader_config.py")
+    nb = new_notebook(cells=[
+        new_code_cell("def f(x):\n    ### BEGIN SOLUTION\n    return 2 * x\n    ### END SOLUTION",
+                      metadata=meta(solution=True, grade=False, locked=False, grade_id="f")),
+        new_code_cell("assert f(2) == 4", metadata=meta(solution=False, grade=True, locked=True, grade_id="t1",
+                                                        points=1)),
+        new_code_cell("assert f(3) == 6", metadata=meta(solution=False, grade=True, locked=True, grade_id="t2",
+                                                        points=1)),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(course / "solutions" / "a1" / "a1.ipynb"))
+    nbgrader_command(["generate_assignment", "a1", "--force"], course)
+    return nb
+
+
+def _tiny_scores(course: Path, students) -> dict:
+    return {name: s["total"] for name, s in read_scores(course, "a1", students).items()}
+
+
+@pytest.mark.parametrize("bwrap", ["missing", "refusing"])
+def test_without_a_working_bubblewrap_grading_stops_and_says_why(tmp_path, bwrap):
+    nb = _tiny_course(tmp_path)
+    for name in ("s1", "s2"):
+        submit(tmp_path, "a1", name, nb)
+    fake = tmp_path / "bwrap"
+    if bwrap == "refusing":  # as where user namespaces are not allowed
+        fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+        fake.chmod(0o755)
+    proc = nbgrader_command(["autograde", "a1", f"--SandboxedKernelManager.bwrap={fake}"], tmp_path, check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    expected = "apt-get install bubblewrap" if bwrap == "missing" else "No permissions to create new namespace"
+    assert expected in log and "c.SandboxedKernelManager.enabled = False" in log
+    assert "Sanitizing" in log and "submitted/s2" not in log, "grading must stop at the first submission"
+    assert not list((tmp_path / "autograded").glob("*/a1")), "a stopped run must leave nothing graded"
+
+
+def test_grading_without_the_sandbox_takes_an_explicit_opt_out(tmp_path):
+    nb = _tiny_course(tmp_path)
+    peek = f"import pathlib\nassert pathlib.Path({str(tmp_path / 'gradebook.db')!r}).is_file()\ndef f(x):\n    return 2 * x"
+    submit(tmp_path, "a1", "sandboxed", replace_solutions(nb, {"f": peek}))
+    nbgrader_command(["autograde", "a1"], tmp_path)
+    submit(tmp_path, "a1", "unsandboxed", replace_solutions(nb, {"f": peek}))
+    proc = nbgrader_command(["autograde", "a1", "--SandboxedKernelManager.enabled=False"], tmp_path)
+    assert "WITHOUT a sandbox" in proc.stdout + proc.stderr
+    assert _tiny_scores(tmp_path, ["sandboxed", "unsandboxed"]) == {"sandboxed": 0, "unsandboxed": 2}
+
+
+def test_the_kernel_sees_only_its_own_folder_and_no_secrets(tmp_path):
+    nb = _tiny_course(tmp_path)
+    (tmp_path / "submitted" / "s1" / "a1").mkdir(parents=True)
+    (tmp_path / "submitted" / "s1" / "a1" / "data.txt").write_text("the student's own file")
+    hidden = [str(tmp_path), str(tmp_path / "gradebook.db"), str(ROOT / "solutions"), str(ROOT / "gradebook.db"),
+              str(ROOT / "README.md"), str(Path.home() / ".bashrc"), "/etc/shadow", "/var", "/srv", "/mnt"]
+    look = f'''import json, os
+print("VIEW", json.dumps({{"cwd": os.getcwd(), "files": sorted(os.listdir(".")), "env": sorted(os.environ),
+                          "seen": [p for p in {hidden!r} if os.path.exists(p)], "uid": os.getuid(),
+                          "home": os.environ["HOME"]}}))
+open("data.txt", "a").write(" and more")  # the private copy is writable
+def f(x):
+    return 2 * x
+'''
+    nbformat.write(replace_solutions(nb, {"f": look}), str(tmp_path / "submitted" / "s1" / "a1" / "a1.ipynb"))
+    env = dict(os.environ, GRADER_SECRET_TOKEN="do-not-leak")
+    proc = subprocess.run([sys.executable, "-m", "nbgrader", "autograde", "a1"], cwd=tmp_path, capture_output=True,
+                          text=True, env=dict(env, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    graded = nbformat.read(str(tmp_path / "autograded" / "s1" / "a1" / "a1.ipynb"), as_version=4)
+    view = json.loads(graded.cells[0].outputs[0]["text"].split("VIEW ", 1)[1])
+    assert view["files"] == ["data.txt"], view  # its own files, not the notebook holding the hidden tests
+    assert view["cwd"] == view["home"] + "/a1"
+    assert view["seen"] == [], "the course, the repository and the home folder must be out of sight"
+    assert "GRADER_SECRET_TOKEN" not in view["env"] and "NBGRADER_EXECUTION" in view["env"]
+    assert view["uid"] != 0
+    assert _tiny_scores(tmp_path, ["s1"]) == {"s1": 2}
+    assert (tmp_path / "submitted" / "s1" / "a1" / "data.txt").read_text() == "the student's own file"
+
+
+def test_a_process_past_its_cpu_time_is_killed_and_grading_goes_on(tmp_path):
+    nb = _tiny_course(tmp_path)
+    burn = "def f(x):\n    return 2 * x\nwhile True:\n    pass"
+    submit(tmp_path, "a1", "burner", replace_solutions(nb, {"f": burn}))
+    submit(tmp_path, "a1", "honest", nb)
+    start = time.perf_counter()
+    proc = nbgrader_command(["autograde", "a1", "--SandboxedKernelManager.cpu_time=3", "--Execute.timeout=60"],
+                            tmp_path)
+    assert time.perf_counter() - start < 40, "the CPU-time limit, not the 60 s cell timeout, must stop the loop"
+    assert "The kernel died" in proc.stdout + proc.stderr
+    assert _tiny_scores(tmp_path, ["burner", "honest"]) == {"burner": 0, "honest": 2}
+
+
+class _LockedGradebook:
+    """Hold the gradebook's write lock (in SQLite's default journal mode it keeps readers out too) until
+    `seconds` have passed, or until the block ends when `seconds` is None."""
+
+    def __init__(self, db: Path, seconds: float | None = None):
+        self.db, self.seconds = db, seconds
+        self.locked, self.release = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._hold, daemon=True)
+
+    def _hold(self):
+        con = sqlite3.connect(self.db, isolation_level=None)
+        con.execute("BEGIN EXCLUSIVE")
+        self.locked.set()
+        self.release.wait(self.seconds)
+        con.execute("COMMIT")
+        con.close()
+
+    def __enter__(self):
+        self.thread.start()
+        self.locked.wait()
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.thread.join()
+
+
+def test_a_class_graded_in_parallel_writes_the_gradebook_safely(tmp_path):
+    nb = _tiny_course(tmp_path)
+    wrong = replace_solutions(nb, {"f": "def f(x):\n    return x + 2"})  # right for 2, wrong for 3
+    expected = {}
+    for i in range(6):
+        submit(tmp_path, "a1", f"s{i}", nb if i % 2 else wrong)
+        expected[f"s{i}"] = 2 if i % 2 else 1
+    # nbgrader alone, with its default gradebook URL, loses a student to another writer that holds the lock
+    # for longer than SQLite's default busy timeout (5 s) ...
+    with _LockedGradebook(tmp_path / "gradebook.db"):
+        alone = nbgrader_command(["autograde", "a1", "--student", "s0"], tmp_path, check=False)
+    assert alone.returncode != 0 and "database is locked" in alone.stdout + alone.stderr
+    # ... `fasttrain grade` waits for it (held 20 s from the start: a few for the workers to start, the rest
+    # longer than 5 s), with two workers writing at once.
+    shutil.rmtree(tmp_path / "autograded", ignore_errors=True)
+    with _LockedGradebook(tmp_path / "gradebook.db", 20):
+        proc = subprocess.run([str(Path(sys.executable).parent / "fasttrain"), "grade", "a1", "--jobs", "2"],
+                              cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "6 submissions of a1" in proc.stdout
+    assert _tiny_scores(tmp_path, expected) == expected
