@@ -96,7 +96,7 @@ def tripwires(*targets: str) -> Iterator[list[str]]:
         def tripped(*args, **kwargs):
             fired.append(path)
             raise TripwireTriggered(f"{path} was called: the exercise asks you to write this computation, "
-                                    f"not to call PyTorch's version of it")
+                                    f"not to call a library's version of it")
         return tripped
 
     for path in targets:

@@ -8,8 +8,10 @@ average passes `stop_factor` times its minimum, and put the model and the optimi
 exactly as they were. Three rules turn the curve into a rate: the rate at the minimum divided
 by 10, the steepest descent, and fastai's "valley".
 
-`lr_sweep` is the brute-force alternative the chapter compares it with: one short training
-from the same initial weights per rate.
+`lr_sweep` is the brute-force alternative the chapter compares it with: one training per rate,
+each from the same initial weights and on the same batches. `record_range_test` runs a range test
+written as the chapter's exercise and keeps what it saw as a `RangeTest`; `TWINS` lists what a
+test of that exercise must not let a submission call instead of writing it.
 """
 
 from __future__ import annotations
@@ -127,13 +129,14 @@ class RangeTest:
         planned = self.settings.get("num_steps", self.steps)
         return planned // 10, min(5, max(self.steps - planned // 10 - 2, 0))
 
-    def suggest(self, skip_start: int | None = None, skip_end: int | None = None) -> dict[str, float]:
-        """The rate each rule suggests, from the smoothed curve trimmed of its noisy start and blow-up."""
+    def suggest(self, skip_start: int | None = None, skip_end: int | None = None,
+                rules: dict[str, Callable] | None = None) -> dict[str, float]:
+        """The rate each rule suggests (default: `RULES`), from the smoothed curve trimmed of its noisy start and blow-up."""
         default_start, default_end = self.default_skips()
         lrs, losses = trim(self.lrs, self.smoothed,
                            default_start if skip_start is None else skip_start,
                            default_end if skip_end is None else skip_end)
-        return {name: rule(lrs, losses) for name, rule in RULES.items()}
+        return {name: float(rule(lrs.copy(), losses.copy())) for name, rule in (rules or RULES).items()}
 
     def plot(self, suggestions: dict[str, float] | None = None, ax=None, title: str = ""):
         """Loss against rate on a log axis (raw and smoothed), each suggestion marked; returns the axes."""
@@ -181,7 +184,7 @@ def range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: I
         raise ValueError("The model has no parameters: there is nothing for a range test to train.")
     step = TrainStep(model, optimizer, loss_fn, mixed_precision=mixed_precision, device=first.device,
                      name="range test")
-    step.meter.plan(num_steps)
+    _plan_fixed_steps(step.meter, num_steps, getattr(data, "batch_size", None))
     snapshot = _snapshot(model, optimizer)
     losses, best, diverged = [], math.inf, False
     batches = repeat_forever(data)
@@ -216,8 +219,75 @@ def range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: I
     smoothed = smooth_losses(losses, beta)
     n = len(losses)
     return RangeTest(lrs[:n].copy(), np.asarray(losses), smoothed, diverged, timer.seconds,
-                     {"start_lr": start_lr, "end_lr": end_lr, "num_steps": num_steps, "beta": beta,
+                     {"start_lr": start_lr, "end_lr": end_lr, "num_steps": runtime.cut(num_steps), "beta": beta,
                       "stop_factor": stop_factor})
+
+
+def _plan_fixed_steps(meter, num_steps: int, batch: int | None) -> None:
+    """Plan a loop of `num_steps` steps whatever the batch: in a dry run on a smaller batch, steps of the profile's batch."""
+    run = runtime.current_run()
+    factor = 1.0
+    for change in (run.dry_overrides.values() if run is not None else ()):
+        dry, full = change.get("dry_value"), change.get("profile_value")
+        if isinstance(dry, int) and isinstance(full, int) and batch == dry and full > dry:
+            factor = full / dry  # costs.summarize_meters scales steps at the dry batch back by dry / full
+    meter.plan(round(num_steps * factor), None if batch is None else round(num_steps * batch * factor))
+
+
+def record_range_test(range_test_fn: Callable, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      data: Iterable, loss_fn: Callable = F.cross_entropy, *, exercise: str = "the range test",
+                      start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100, **settings) -> RangeTest:
+    """Run `range_test_fn(model, optimizer, data, loss_fn, start_lr=, end_lr=, num_steps=, **settings) -> (rates, smoothed)`
+    (a range test written as an exercise) and keep what it saw as a `RangeTest`.
+
+    Each batch's loss is recorded through the loss function, and the test is timed. In a dry run
+    the test runs only a few steps (its rates then span the range in those steps) and its cost
+    counts `num_steps` steps. A stub that raises NotImplementedError stops here with a message
+    naming `exercise`.
+    """
+    first = next(model.parameters(), None)
+    if first is None:
+        raise ValueError("The model has no parameters: there is nothing for a range test to train.")
+    raw: list[float] = []
+    batches: list[int] = []
+
+    def recorded_loss(preds, target):
+        loss = loss_fn(preds, target)
+        raw.append(float(loss.detach()))
+        batches.append(int(target.shape[0]))
+        return loss
+
+    steps = max(runtime.cut(num_steps), 2)
+    meter = runtime.meter("train", "range test")
+    try:
+        with Timer(first.device) as timer, meter.measure(low_precision=False):
+            rates, smoothed = range_test_fn(model, optimizer, data, recorded_loss, start_lr=start_lr, end_lr=end_lr,
+                                            num_steps=steps, **settings)
+    except NotImplementedError as exc:
+        raise NotImplementedError(f"This experiment runs your code: finish {exercise} first, check it with the "
+                                  f"tests below it, then run this cell again ({exc})") from None
+    rates, smoothed = np.asarray(rates, dtype=float), np.asarray(smoothed, dtype=float)
+    if len(rates) != len(smoothed) or len(rates) == 0 or len(rates) > steps:
+        raise ValueError(f"{exercise} returned {len(rates)} rates and {len(smoothed)} losses for a test of {steps} "
+                         f"steps: return one rate and one smoothed loss per step taken")
+    if isinstance(meter, runtime.CostMeter) and meter.flops is not None:
+        taken = max(len(raw), 1)
+        meter.flops, meter.ops = meter.flops / taken, round(meter.ops / taken)  # one step's share of the test
+        meter.batch = batches[0] if batches else None
+    _plan_fixed_steps(meter, num_steps, batches[0] if batches else None)
+    return RangeTest(rates, np.asarray(raw[:len(rates)], dtype=float), smoothed, len(rates) < steps, timer.seconds,
+                     {"start_lr": start_lr, "end_lr": end_lr, "num_steps": steps, **settings})
+
+
+# What a test of the range-test exercise trips on (fasttrain.checks.tripwires): this module's range
+# test and the pieces it calls at run time (so that a reference taken before the wires were set is
+# caught too), and the torch-lr-finder package's.
+TWINS = ("fasttrain.lr_finder.range_test", "fasttrain.lr_finder.record_range_test", "fasttrain.lr_finder.exponential_lrs",
+         "fasttrain.lr_finder.smooth_losses", "fasttrain.lr_finder._snapshot", "fasttrain.lr_finder.repeat_forever",
+         "fasttrain.lr_finder.trim", "fasttrain.lr_finder.suggest_minimum", "fasttrain.lr_finder.suggest_steepest",
+         "fasttrain.lr_finder.suggest_valley", "fasttrain.lr_finder.RangeTest.suggest",
+         "torch_lr_finder.lr_finder.LRFinder.range_test", "torch_lr_finder.lr_finder.LRFinder._train_batch",
+         "torch_lr_finder.lr_finder.LRFinder.plot")
 
 
 # --- the plot -------------------------------------------------------------------------------
@@ -253,16 +323,23 @@ def lr_sweep(make_model: Callable[[], torch.nn.Module], make_optimizer: Callable
              train_data: Iterable, valid_data: Iterable, lrs: Iterable[float], epochs: int = 1, seed: int = 0,
              loss_fn: Callable = F.cross_entropy, mixed_precision: bool = False,
              schedule: Callable[[torch.optim.Optimizer, int], object] | None = None) -> list[dict]:
-    """Train a fresh model (the same initial weights, `seed`) for `epochs` at each rate; one dict per rate.
+    """Train a fresh model for `epochs` at each rate, every one from the same initial weights and on the same batches.
 
+    `make_model()` is called after seeding with `seed`, so every rate starts from the same weights;
+    a `train_data` that keeps a random state (a seeded `DeviceLoader`: shuffle and augmentation)
+    is put back to the state it had on entry before each rate, so every rate sees the same batches.
     `make_optimizer(params, lr)` builds the optimizer; `schedule(optimizer, total_steps)`, if
     given, builds a torch LR scheduler stepped after every batch. Each dict holds lr, the final
-    train/valid loss and accuracy, and the seconds that training took (device synchronised).
+    train/valid loss and accuracy, the per-epoch history and the seconds that training took
+    (device synchronised). In a dry run only a few rates train (`fasttrain.runtime.each`).
     """
     from .train import Learner, evaluate
 
+    start_state = train_data.state_dict() if hasattr(train_data, "state_dict") else None
     rows = []
-    for lr in lrs:
+    for lr in runtime.each(list(lrs)):
+        if start_state is not None:
+            train_data.load_state_dict(copy.deepcopy(start_state))
         seed_everything(seed)
         model = make_model()
         optimizer = make_optimizer(model.parameters(), float(lr))
@@ -273,7 +350,10 @@ def lr_sweep(make_model: Callable[[], torch.nn.Module], make_optimizer: Callable
         with Timer(first.device) as timer:
             history = learner.fit(epochs)
         valid = evaluate(model, valid_data, loss_fn, mixed_precision)
-        train_loss = history[-1].get("train_loss", math.nan) if history else math.nan
-        rows.append({"lr": float(lr), "train_loss": train_loss, "valid_loss": valid["loss"],
-                     "valid_acc": valid["acc"], "seconds": timer.seconds})
+        last = history[-1] if history else {}
+        rows.append({"lr": float(lr), "train_loss": last.get("train_loss", math.nan),
+                     "train_acc": last.get("train_acc", math.nan), "valid_loss": valid["loss"],
+                     "valid_acc": valid["acc"], "seconds": timer.seconds,
+                     "history": [{k: v for k, v in h.items() if k in ("epoch", "train_loss", "train_acc")}
+                                 for h in history]})
     return rows

@@ -83,6 +83,25 @@ def cut(planned: int, steps: int = DRY_STEPS) -> int:
     return min(planned, steps) if is_dry_run() else planned
 
 
+def each(items: list, steps: int = DRY_STEPS) -> Iterator:
+    """Every item; in a dry run only the first `steps`, and the loops they ran count for all items in the estimate.
+
+    For a loop of whole trainings (seeds, rates of a sweep): the cost meters created while the
+    kept items ran have their planned steps and samples scaled by len(items) / steps.
+    """
+    items = list(items)
+    if not is_dry_run() or len(items) <= steps:
+        yield from items
+        return
+    first = len(_current.meters)
+    yield from items[:steps]
+    scale = len(items) / steps
+    for m in _current.meters[first:]:
+        m.planned_steps = round(m.planned_steps * scale)
+        if m.planned_samples is not None:
+            m.planned_samples = round(m.planned_samples * scale)
+
+
 # ---------------------------------------------------------------------------------------------
 # Counting what a loop costs (dry runs only)
 # ---------------------------------------------------------------------------------------------

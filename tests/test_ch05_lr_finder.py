@@ -13,8 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from fasttrain.lr_finder import (RangeTest, exponential_lrs, lr_sweep, plot_range_test, range_test,
-                                 smooth_losses, suggest_minimum, suggest_steepest, suggest_valley)
+import fasttrain
+from fasttrain import runtime
+from fasttrain.batches import DeviceLoader
+from fasttrain.checks import tripwires
+from fasttrain.lr_finder import (TWINS, RangeTest, exponential_lrs, lr_sweep, plot_range_test, range_test,
+                                 record_range_test, smooth_losses, suggest_minimum, suggest_steepest, suggest_valley)
 
 SLUG = "05_lr_finder"
 
@@ -347,6 +351,37 @@ def test_lr_sweep_trains_every_rate_from_the_same_initial_weights():
     assert all(r["seconds"] > 0 for r in rows)
 
 
+def test_lr_sweep_gives_every_rate_the_same_batches_from_a_seeded_loader():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16, dtype=torch.float32), torch.tensor(y)
+    train = DeviceLoader(x[:1200], y[:1200], 64, seed=5)  # its shuffle advances with every pass
+    valid = DeviceLoader(x[1200:], y[1200:], 256, shuffle=False)
+    rows = lr_sweep(lambda: small_net(batch_norm=False), lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+                    train, valid, [0.05, 0.05], epochs=2, seed=1)
+    assert rows[0]["valid_loss"] == rows[1]["valid_loss"], "the second rate saw other batches than the first"
+    assert [h["epoch"] for h in rows[0]["history"]] == [1, 2] and "train_loss" in rows[0]["history"][0]
+
+
+def test_each_runs_every_item_and_in_a_dry_run_two_whose_planned_cost_counts_for_all(tmp_path, monkeypatch):
+    assert list(runtime.each([1, 2, 3])) == [1, 2, 3]
+    monkeypatch.setattr(runtime, "_current", runtime._current)  # the dry run ends with this test
+    run = fasttrain.start(SLUG, profile="full", device="cpu", dry_run=True, results_dir=tmp_path)
+    try:
+        seen = []
+        for seed in runtime.each([0, 1, 2]):
+            for lr in runtime.each([0.1, 0.2, 0.3, 0.4]):
+                seen.append((seed, lr))
+                runtime.meter("train", "inner").plan(10, 100)
+        assert seen == [(0, 0.1), (0, 0.2), (1, 0.1), (1, 0.2)]
+        planned = [(m.planned_steps, m.planned_samples) for m in run.meters]
+        assert planned == [(30, 300)] * 4, "4 of 12 trainings ran: each counts for 3"
+    finally:
+        run.metric("suggested_lr_test_accuracy", 0.0)  # a dry run's numbers are never judged
+        run.finish()  # a dry-run record in tmp_path; the forced autocast is undone
+
+
 # --- the exercise against the library ------------------------------------------------------------
 def exercise_namespace() -> dict:
     """The chapter's solution cells (range test and the three rules) run in a namespace of their own."""
@@ -384,6 +419,60 @@ def test_exercise_range_test_and_rules_agree_with_the_library_on_the_same_model_
         assert ns[name](kept_lrs, kept) == pytest.approx(library[rule], rel=1e-9), rule
 
 
+def test_record_range_test_runs_the_exercise_keeps_its_raw_losses_and_names_a_missing_exercise():
+    ns = exercise_namespace()
+    batches = digits_batches()
+
+    def setup():
+        model = small_net(seed=0, batch_norm=False)
+        return model, torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+
+    theirs = record_range_test(ns["range_test"], *setup(), batches, exercise="Exercise 1", start_lr=1e-6, end_lr=10.0,
+                               num_steps=100)
+    ours = range_test(*setup(), batches, start_lr=1e-6, end_lr=10.0, num_steps=100)
+    assert theirs.steps == ours.steps and theirs.diverged == ours.diverged and theirs.seconds > 0
+    np.testing.assert_allclose(theirs.losses, ours.losses, rtol=1e-5)
+    np.testing.assert_allclose(theirs.smoothed, ours.smoothed, rtol=1e-5)
+    assert theirs.suggest() == pytest.approx(ours.suggest(), rel=1e-6)
+
+    def stub(*args, **kwargs):
+        raise NotImplementedError("range_test: Exercise 1: write it")
+
+    with pytest.raises(NotImplementedError, match="finish Exercise 1 first"):
+        record_range_test(stub, *setup(), batches, exercise="Exercise 1")
+
+
+def test_suggest_applies_the_rules_it_is_given_to_copies_of_the_trimmed_curve():
+    lrs, losses = known_curve()
+    result = RangeTest(lrs, losses, losses.copy(), False, 0.0, {"num_steps": 41})
+
+    def vandal(lr, loss):
+        loss[:] = 0.0  # a rule that writes into its input must not change the test's curve
+        return float(lr[0])
+
+    assert result.suggest(skip_start=0, skip_end=0, rules={"first": vandal}) == {"first": lrs[0]}
+    np.testing.assert_array_equal(result.smoothed, losses)
+
+
+def test_the_tripwires_catch_the_library_range_test_and_its_rules_even_through_an_earlier_reference():
+    early = range_test  # a reference taken before the wires are set
+    model = small_net()
+    with tripwires(*TWINS) as fired, pytest.raises(AssertionError, match="was called"):
+        early(model, torch.optim.SGD(model.parameters(), lr=0.1), digits_batches()[:2], num_steps=5)
+    assert fired
+    early_rule = suggest_valley
+    lrs, losses = known_curve()
+    with tripwires(*TWINS), pytest.raises(AssertionError, match="was called"):
+        early_rule(lrs, losses)
+    from torch_lr_finder import LRFinder
+
+    with tripwires(*TWINS), pytest.raises(AssertionError, match="was called"):
+        LRFinder(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()).range_test(
+            torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 64), torch.randint(0, 10, (8,))),
+                                        batch_size=4), num_iter=3)
+    assert suggest_valley(lrs, losses) == pytest.approx(lrs[19]), "the wires come off after the block"
+
+
 def test_exercise_rules_agree_with_the_library_on_random_curves():
     ns = exercise_namespace()
     rng = np.random.default_rng(1)
@@ -406,29 +495,93 @@ def _edit(grade_id: str, old: str, new: str) -> dict[str, str]:
 
 
 def wrong_variants() -> dict[str, dict[str, str]]:
-    return {
+    """Submissions with the mistakes students make; a mistake in the range test and one in a rule hit different tests."""
+    range_test = {
         # The average is used as it is: it starts near 0 and "passes 4x its minimum" within 4 steps.
-        "no_bias_correction": _edit("range_test", "smooth = avg / (1 - beta ** (i + 1))", "smooth = avg"),
+        "no_bias_correction": ("smooth = avg / (1 - beta ** (i + 1))", "smooth = avg"),
         # The test forgets to put the weights and the optimizer back: the model comes out trained.
-        "leaves_model_trained": _edit("range_test",
-                                      "    model.load_state_dict(saved_model)\n    optimizer.load_state_dict(saved_optimizer)\n",
-                                      ""),
+        "leaves_model_trained": ("    model.load_state_dict(saved_model)\n    optimizer.load_state_dict(saved_optimizer)\n", ""),
         # No divergence stop: the test runs all its steps whatever the loss does.
-        "never_stops": _edit("range_test", "        if smooth > stop_factor * lowest:\n            break\n", ""),
+        "never_stops": ("        if smooth > stop_factor * lowest:\n            break\n", ""),
         # A linear instead of an exponential schedule.
-        "linear_schedule": _edit("range_test", "lr = start_lr * (end_lr / start_lr) ** (i / (num_steps - 1))",
-                                 "lr = start_lr + (end_lr - start_lr) * i / (num_steps - 1)"),
-        # The rate at the minimum itself.
-        "minimum_not_divided": _edit("suggest_minimum", "return float(lrs[np.argmin(losses)] / 10)",
-                                     "return float(lrs[np.argmin(losses)])"),
-        # The steepest *rise* instead of the steepest descent.
-        "steepest_rise": _edit("suggest_steepest", "return float(lrs[np.argmin(slope)])",
-                               "return float(lrs[np.argmax(slope)])"),
+        "linear_schedule": ("lr = start_lr * (end_lr / start_lr) ** (i / (num_steps - 1))",
+                            "lr = start_lr + (end_lr - start_lr) * i / (num_steps - 1)"),
+        # The gradients are never cleared: every step adds its gradient to all the earlier ones.
+        "no_zero_grad": ("        optimizer.zero_grad()\n", ""),
+        # Only the first parameter group gets the rate (the others keep their own).
+        "first_group_only": ("        for group in optimizer.param_groups:\n            group[\"lr\"] = lr\n",
+                             "        optimizer.param_groups[0][\"lr\"] = lr\n"),
+        # The stop compares with the first smoothed loss instead of the lowest so far.
+        "stop_against_first": ("if smooth > stop_factor * lowest:", "if smooth > stop_factor * smoothed[0]:"),
+        # state_dict() without a copy: it holds the live tensors, which the training changes in place.
+        "state_dict_not_copied": ("saved_model = copy.deepcopy(model.state_dict())", "saved_model = model.state_dict()"),
+        # The model is trained in whatever mode it came in (eval mode: batch norm uses its running statistics).
+        "no_train_mode": ("    model.train()\n", ""),
     }
+    rules = {
+        # The rate at the minimum itself.
+        "minimum_not_divided": ("suggest_minimum", "return float(lrs[np.argmin(losses)] / 10)",
+                                "return float(lrs[np.argmin(losses)])"),
+        # The steepest *rise* instead of the steepest descent.
+        "steepest_rise": ("suggest_steepest", "return float(lrs[np.argmin(slope)])", "return float(lrs[np.argmax(slope)])"),
+        # The first point where the loss turns up, not the lowest of the whole curve.
+        "minimum_first_rise": ("suggest_minimum", "return float(lrs[np.argmin(losses)] / 10)",
+                               "return float(lrs[int(np.argmax(np.diff(losses) > 0))] / 10)"),
+        # The slope against the rate, not against log(rate).
+        "steepest_against_lr": ("suggest_steepest", "np.gradient(losses, np.log(lrs))", "np.gradient(losses, lrs)"),
+        # The longest contiguous decreasing run instead of the longest decreasing subsequence.
+        "valley_contiguous": ("suggest_valley", "        for j in range(i):\n            if losses[j] > losses[i]:\n"
+                              "                length[i] = max(length[i], length[j] + 1)\n",
+                              "        if losses[i - 1] > losses[i]:\n            length[i] = length[i - 1] + 1\n"),
+    }
+    pairs = [("no_bias_correction", "minimum_first_rise"), ("leaves_model_trained", "steepest_against_lr"),
+             ("never_stops", "valley_contiguous"), ("linear_schedule", "minimum_not_divided"),
+             ("no_zero_grad", "steepest_rise"), ("first_group_only", None), ("stop_against_first", None),
+             ("state_dict_not_copied", None), ("no_train_mode", None)]
+    variants = {}
+    for mistake, rule_mistake in pairs:
+        submission = _edit("range_test", *range_test[mistake])
+        if rule_mistake is not None:
+            grade_id, old, new = rules[rule_mistake]
+            submission.update(_edit(grade_id, old, new))
+        variants[mistake if rule_mistake is None else f"{mistake}+{rule_mistake}"] = submission
+    # Calling the library's twins instead of writing them: the tests' tripwires fail both.
+    variants["library_twins"] = {
+        "range_test": LIBRARY_RANGE_TEST,
+        "suggest_valley": "def suggest_valley(lrs, losses):\n    from fasttrain.lr_finder import suggest_valley as valley\n"
+                          "    return valley(lrs, losses)\n",
+    }
+    return variants
 
 
-TESTS = ("test_range_schedule", "test_range_smoothing", "test_range_stop", "test_range_restores",
-         "test_suggest_minimum", "test_suggest_steepest", "test_suggest_valley")
+LIBRARY_RANGE_TEST = """def range_test(model, optimizer, batches, loss_fn=F.cross_entropy, start_lr=1e-7, end_lr=10.0,
+               num_steps=100, beta=0.98, stop_factor=4.0):
+    from fasttrain.lr_finder import range_test as library_range_test
+    found = library_range_test(model, optimizer, batches, loss_fn, start_lr, end_lr, num_steps, beta, stop_factor)
+    return [float(r) for r in found.lrs], [float(s) for s in found.smoothed]
+"""
+
+RANGE_TESTS = ["test_range_schedule", "test_range_smoothing", "test_range_stop", "test_range_trains",
+               "test_range_restores"]
+RULE_TESTS = ["test_suggest_minimum", "test_suggest_steepest", "test_suggest_valley"]
+TESTS = tuple(RANGE_TESTS + RULE_TESTS)
+LOSES = {  # the tests each mistake must fail
+    "no_bias_correction": ["test_range_smoothing", "test_range_stop"],
+    "leaves_model_trained": ["test_range_restores", "test_range_schedule"],  # the groups' own rates do not come back
+    "never_stops": ["test_range_stop"],
+    "linear_schedule": ["test_range_schedule"],
+    "no_zero_grad": ["test_range_trains"],
+    "first_group_only": ["test_range_schedule"],
+    "stop_against_first": ["test_range_stop"],
+    "state_dict_not_copied": ["test_range_restores"],
+    "no_train_mode": ["test_range_trains"],
+    "minimum_not_divided": ["test_suggest_minimum"],
+    "steepest_rise": ["test_suggest_steepest"],
+    "minimum_first_rise": ["test_suggest_minimum"],
+    "steepest_against_lr": ["test_suggest_steepest"],
+    "valley_contiguous": ["test_suggest_valley"],
+    "library_twins": RANGE_TESTS + ["test_suggest_valley"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -439,24 +592,23 @@ def scores():
 
 
 def test_solution_gets_full_marks(scores):
-    assert scores["solution"]["total"] == scores["solution"]["max"] == 12
+    assert scores["solution"]["total"] == scores["solution"]["max"] == 14
 
 
 def test_blank_student_copy_scores_zero(scores):
     assert scores["blank"]["total"] == 0
 
 
-@pytest.mark.parametrize("variant,lost,kept", [
-    ("no_bias_correction", ["test_range_smoothing", "test_range_stop"], ["test_range_schedule", "test_range_restores"]),
-    ("leaves_model_trained", ["test_range_restores"], ["test_range_schedule", "test_range_smoothing", "test_range_stop"]),
-    ("never_stops", ["test_range_stop"], ["test_range_schedule", "test_range_smoothing", "test_range_restores"]),
-    ("linear_schedule", ["test_range_schedule"], ["test_range_smoothing", "test_range_stop", "test_range_restores"]),
-    ("minimum_not_divided", ["test_suggest_minimum"], ["test_suggest_steepest", "test_suggest_valley"]),
-    ("steepest_rise", ["test_suggest_steepest"], ["test_suggest_minimum", "test_suggest_valley"]),
-])
-def test_typical_mistake_loses_the_points_of_its_test(scores, variant, lost, kept):
+def test_grading_reports_no_tampering_and_no_false_checksum_warnings(scores):
+    assert "has changed" not in scores.log and "Tampering" not in scores.log, scores.log[-3000:]
+
+
+@pytest.mark.parametrize("variant", list(wrong_variants()))
+def test_typical_mistake_loses_the_points_of_its_test_and_keeps_the_others(scores, variant):
+    lost = [t for mistake in variant.split("+") for t in LOSES[mistake]]
     s = scores[variant]
     assert all(s[t] == 0 for t in lost), f"{variant} should fail {lost}: {s}"
+    kept = [t for t in TESTS if t not in lost]
     assert all(s[t] > 0 for t in kept), f"{variant} should keep the points of {kept}: {s}"
 
 
