@@ -404,7 +404,11 @@ class Resume(Callback):
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Iterable, loss_fn: Callable = F.cross_entropy,
              mixed_precision: bool = False) -> dict:
-    """Loss and accuracy of `model` over all of `data` (correct/total, loss weighted by batch size)."""
+    """Loss and accuracy of `model` over all of `data` (correct/total, loss weighted by batch size).
+
+    Under torch.distributed a sharded DeviceLoader gives each process its shard: call evaluate on every
+    process, and the sums are added over them (each gets the result for all of `data`).
+    """
     first = next(model.parameters())
     device = first.device
     total_loss = torch.zeros((), device=device)
@@ -423,7 +427,7 @@ def evaluate(model: torch.nn.Module, data: Iterable, loss_fn: Callable = F.cross
             total_loss += loss.float() * yb.shape[0]
             correct += (preds.argmax(dim=1) == yb).sum()
             n += yb.shape[0]
-    if distributed.world_size() > 1:  # each process evaluated its shard: add them up
+    if getattr(data, "_sharded", lambda: False)():  # each process evaluated its shard: add them up (call on all)
         total_loss, correct, n = distributed.all_reduce_sum([total_loss, correct, n], device)
         n = round(n)
     if n == 0:

@@ -48,8 +48,9 @@ WRONG = {
     "no_none_check": _edits("average_gradients", ("        if p.grad is not None:\n" + REDUCE,
                                                   "        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)\n"
                                                   "        p.grad /= world\n")),
-    # ReduceOp.AVG: nccl has it, gloo (the CPU backend) does not.
-    "average_op_on_gloo": _edits("average_gradients", (REDUCE, "            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)\n")),
+    # The weights averaged instead of the gradients (they are the same on every process already).
+    "averages_weights": _edits("average_gradients", (REDUCE, "            dist.all_reduce(p.data, op=dist.ReduceOp.SUM)\n"
+                                                             "            p.data /= world\n")),
 }
 LOSES = [
     ("no_loss_scaling", "test_accumulation_matches_large_batch"),
@@ -66,8 +67,8 @@ LOSES = [
     ("reduce_a_copy", "test_average_gradients"),
     ("reduce_a_copy", "test_average_gradients_like_ddp"),
     ("no_none_check", "test_average_gradients"),
-    ("average_op_on_gloo", "test_average_gradients"),
-    ("average_op_on_gloo", "test_average_gradients_like_ddp"),
+    ("averages_weights", "test_average_gradients"),
+    ("averages_weights", "test_average_gradients_like_ddp"),
 ]
 
 
