@@ -11,6 +11,7 @@ second-moment estimate is still noisy (Liu et al., 2020): a warm-up that RAdam b
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -75,11 +76,16 @@ def set_momentum(optimizer: torch.optim.Optimizer, momentum: float) -> None:
 
 
 class OneCycle:
-    """Drive an optimizer's learning rate (and momentum) along `one_cycle`; call `.step()` after each update."""
+    """Drive an optimizer's learning rate (and momentum) along `one_cycle`; call `.step()` after each update.
+
+    `schedule` replaces `one_cycle` by any function with its signature that returns the pair
+    (learning rate, momentum), for example a student's own version of it.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_lr: float | list[float], total_steps: int,
-                 cycle_momentum: bool = True, **kwargs):
+                 cycle_momentum: bool = True, schedule: Callable[..., tuple[float, float]] | None = None, **kwargs):
         self.optimizer, self.total_steps, self.cycle_momentum = optimizer, total_steps, cycle_momentum
+        self.schedule = schedule if schedule is not None else one_cycle
         n = len(optimizer.param_groups)
         self.max_lrs = list(max_lr) if isinstance(max_lr, (list, tuple)) else [max_lr] * n
         if len(self.max_lrs) != n:
@@ -93,7 +99,7 @@ class OneCycle:
         self.last_step += 1
         momentum = None
         for group, max_lr in zip(self.optimizer.param_groups, self.max_lrs):
-            group["lr"], momentum = one_cycle(self.last_step, self.total_steps, max_lr, **self.kwargs)
+            group["lr"], momentum = self.schedule(self.last_step, self.total_steps, max_lr, **self.kwargs)
         if self.cycle_momentum:
             set_momentum(self.optimizer, momentum)
 
@@ -156,12 +162,22 @@ class LinearWarmup:
             g["lr"] = lr * self.factor()
 
 
-def radam_rectification(step: int, beta2: float = 0.999) -> float | None:
-    """RAdam's variance rectification r_t at `step` (1-based); None while rho_t <= 5 (no adaptive step yet)."""
+def radam_rho(step: int, beta2: float = 0.999) -> tuple[float, float]:
+    """(rho_t, rho_inf): the effective number of squared gradients in Adam's bias-corrected average at `step` (1-based)."""
     if step < 1:
         raise ValueError(f"step counts updates from 1, got {step}")
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
-    rho_t = rho_inf - 2.0 * step * beta2 ** step / (1.0 - beta2 ** step)
-    if rho_t <= 5.0:
+    return rho_inf - 2.0 * step * beta2 ** step / (1.0 - beta2 ** step), rho_inf
+
+
+# Liu et al. (2020) show that the adaptive step's variance is finite only for rho_t > 4; RAdam
+# takes its adaptive step only once rho_t > 5, the margin PyTorch's implementation uses.
+RADAM_THRESHOLD = 5.0
+
+
+def radam_rectification(step: int, beta2: float = 0.999) -> float | None:
+    """RAdam's variance rectification r_t at `step` (1-based); None while rho_t <= 5 (no adaptive step yet)."""
+    rho_t, rho_inf = radam_rho(step, beta2)
+    if rho_t <= RADAM_THRESHOLD:
         return None
     return math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))

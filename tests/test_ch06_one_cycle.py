@@ -11,8 +11,8 @@ from chapters import execute_chapter
 from grading import edit_solution, grade_variants, solution_namespace
 
 from fasttrain.recipes import WeightAverage, cpu_recipe, init_whitening, make_net, predict, train_recipe
-from fasttrain.schedules import LinearWarmup, OneCycle, one_cycle, radam_rectification
-from fasttrain.sharpness import top_hessian_eigenvalue
+from fasttrain.schedules import RADAM_THRESHOLD, LinearWarmup, OneCycle, one_cycle, radam_rectification, radam_rho
+from fasttrain.sharpness import power_iteration, top_hessian_eigenvalue
 
 SLUG = "06_one_cycle"
 
@@ -107,11 +107,55 @@ def test_radam_rectification_is_none_until_rho_exceeds_5_then_tends_to_1():
     assert all(a < b for a, b in zip(values, values[1:])) and values[-1] > 0.98
 
 
+def test_onecycle_drives_the_optimizer_with_any_schedule_function():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    calls = []
+
+    def schedule(step, total_steps, max_lr, **kwargs):
+        calls.append((step, total_steps, max_lr, kwargs))
+        return max_lr / (step + 1), 0.5 + step / 100
+
+    sched = OneCycle(opt, 2.0, 10, schedule=schedule, pct_start=0.4)
+    sched.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.0 / 3) and opt.param_groups[0]["momentum"] == pytest.approx(0.52)
+    assert calls[0] == (0, 10, 2.0, {"pct_start": 0.4})
+
+
+def test_radam_rho_and_the_threshold_follow_pytorch():
+    rho_t, rho_inf = radam_rho(1, 0.999)
+    assert rho_inf == pytest.approx(1999.0) and rho_t == pytest.approx(1.0)
+    assert RADAM_THRESHOLD == 5.0  # torch.optim.RAdam's margin above Liu et al.'s bound of 4
+    assert radam_rho(5, 0.999)[0] < 5 < radam_rho(6, 0.999)[0] and radam_rectification(6) is not None
+    with pytest.raises(ValueError, match="from 1"):
+        radam_rho(0)
+
+
+def _small_double_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    return model, x, y
+
+
+def test_power_iteration_reports_how_it_ended():
+    model, x, y = _small_double_model()
+    done = power_iteration(model, F.cross_entropy, x, y, max_iters=5000, tol=1e-8)
+    assert done.converged and done.iterations < 5000 and done.residual <= 1e-8
+    cut = power_iteration(model, F.cross_entropy, x, y, max_iters=2, tol=1e-8)
+    assert not cut.converged and cut.iterations == 2 and cut.residual > 1e-8
+    assert abs(cut.value) <= abs(done.value) * (1 + 1e-9), "an unfinished iteration cannot overshoot the top eigenvalue"
+    other = power_iteration(model, F.cross_entropy, x, y, max_iters=5000, tol=1e-8, seed=7)
+    assert other.value == pytest.approx(done.value, rel=1e-6), "a second start vector must find the same eigenvalue"
+    with pytest.raises(ValueError, match="max_iters"):
+        power_iteration(model, F.cross_entropy, x, y, max_iters=0)
+
+
 def test_top_hessian_eigenvalue_matches_the_dense_hessian():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
-    lam = top_hessian_eigenvalue(model, F.cross_entropy, x, y, iters=300, tol=1e-12)
+    lam = top_hessian_eigenvalue(model, F.cross_entropy, x, y, iters=5000, tol=1e-8)
     params = list(model.parameters())
     shapes = [p.shape for p in params]
     flat = torch.cat([p.detach().flatten() for p in params])
@@ -219,37 +263,103 @@ def test_exercise_rectification_agrees_with_the_library(solutions):
 # Grading with real nbgrader
 # ---------------------------------------------------------------------------------------------
 
-def _edit(grade_id: str, old: str, new: str) -> dict[str, str]:
-    """A wrong variant of solution cell `grade_id`: `old` replaced by `new`."""
-    return {grade_id: edit_solution(SLUG, grade_id, old, new)}
+BOTH = {"test_one_cycle_two_phase", "test_one_cycle_three_phase"}
+THREE = {"test_one_cycle_three_phase"}
+WARMUP = {"test_linear_warmup"}
+RADAM = {"test_radam_rect"}
+EXERCISE_TESTS = ("test_one_cycle_two_phase", "test_one_cycle_three_phase", "test_linear_warmup", "test_radam_rect")
 
 
-WRONG = {
-    # cosine and linear annealing swapped
-    "cos_linear_mixup": _edit("one_cycle", 'if anneal_strategy == "cos":', 'if anneal_strategy == "linear":'),
-    # the learning rate cycles but the momentum stays put
-    "no_momentum_cycling": _edit("one_cycle", "return interpolate(lr_a, lr_b, f), interpolate(mom_a, mom_b, f)",
-                                 "return interpolate(lr_a, lr_b, f), max_momentum"),
-    # the first phase ends at pct_start * total_steps instead of one step earlier
-    "phase_end_off_by_one": _edit("one_cycle", "(pct_start * total_steps - 1,", "(pct_start * total_steps,"),
-    # three-phase only: the second phase ends one step late
-    "three_phase_end_off_by_one": _edit("one_cycle", "2 * pct_start * total_steps - 2", "2 * pct_start * total_steps - 1"),
-    # the wrapped scheduler steps on the scaled rates, so recursive schedulers compound the factor
-    "warmup_compounds": _edit("linear_warmup",
-                              'for group, lr in zip(self.optimizer.param_groups, self.unscaled):\n            group["lr"] = lr\n        self.scheduler.step()',
-                              "self.scheduler.step()"),
-    # warm-up factor t / W: the first update gets a zero learning rate
-    "warmup_starts_at_zero": _edit("linear_warmup", "(self.t + 1) / self.warmup_steps", "self.t / self.warmup_steps"),
-    # the rectification computed from the first step, without the rho_t > 5 threshold
-    "rectification_without_threshold": _edit("radam_rect", "    if rho_t <= 5:\n        return None\n", ""),
+def _edit(grade_id: str, old: str, new: str) -> tuple[str, str]:
+    """A wrong answer to solution cell `grade_id`: its source with `old` replaced by `new`."""
+    return grade_id, edit_solution(SLUG, grade_id, old, new)
+
+
+# Typical mistakes: name -> ((grade id, wrong source), the tests it must fail). The last of each group are new.
+MISTAKES = {
+    # one_cycle_lr
+    "cos_linear_mixup": (_edit("one_cycle", 'if anneal_strategy == "cos":', 'if anneal_strategy == "linear":'), BOTH),
+    "no_momentum_cycling": (_edit("one_cycle", "return interpolate(lr_a, lr_b, f), interpolate(mom_a, mom_b, f)",
+                                  "return interpolate(lr_a, lr_b, f), max_momentum"), BOTH),
+    "phase_end_off_by_one": (_edit("one_cycle", "(pct_start * total_steps - 1,", "(pct_start * total_steps,"), BOTH),
+    "three_phase_end_off_by_one": (_edit("one_cycle", "2 * pct_start * total_steps - 2",
+                                         "2 * pct_start * total_steps - 1"), THREE),
+    # the final rate taken from the peak: max_lr / final_div_factor instead of initial_lr / final_div_factor
+    "min_lr_from_max": (_edit("one_cycle", "min_lr = initial_lr / final_div_factor",
+                              "min_lr = max_lr / final_div_factor"), BOTH),
+    # momentum moves the same way as the rate (up to max_momentum at the peak)
+    "momentum_reversed": (_edit("one_cycle", "interpolate(mom_a, mom_b, f)", "interpolate(mom_b, mom_a, f)"), BOTH),
+    # phase ends rounded to whole steps: right whenever pct_start * total_steps is a whole number
+    "rounded_phase_ends": (_edit("one_cycle", "(pct_start * total_steps - 1,", "(int(pct_start * total_steps) - 1,"),
+                           BOTH),
+    # torch's OneCycleLR stepped `step` times instead of the formula
+    "one_cycle_delegates_to_torch": (("one_cycle", """def one_cycle_lr(step, total_steps, max_lr, **kwargs):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=max_lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr, total_steps=total_steps, **kwargs)
+    for _ in range(step):
+        opt.step()
+        sched.step()
+    return opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]
+"""), BOTH),
+    # LinearWarmup
+    "warmup_compounds": (_edit("linear_warmup",
+                               'for group, lr in zip(self.optimizer.param_groups, self.unscaled):\n            group["lr"] = lr\n        self.scheduler.step()',
+                               "self.scheduler.step()"), WARMUP),
+    "warmup_starts_at_zero": (_edit("linear_warmup", "(self.t + 1) / self.warmup_steps", "self.t / self.warmup_steps"),
+                              WARMUP),
+    # the scheduler's base rates instead of the rates it has set: wrong for schedulers that start below their base
+    "warmup_base_lrs": (_edit("linear_warmup",
+                              'self.unscaled = [group["lr"] for group in self.optimizer.param_groups]\n        self._scale()',
+                              "self.unscaled = list(scheduler.base_lrs)\n        self._scale()"), WARMUP),
+    # the first update is taken at the full rate: the factor of step 0 is never applied
+    "warmup_not_scaled_at_start": (_edit("linear_warmup",
+                                         'self.unscaled = [group["lr"] for group in self.optimizer.param_groups]\n        self._scale()\n',
+                                         'self.unscaled = [group["lr"] for group in self.optimizer.param_groups]\n'),
+                                   WARMUP),
+    # the library's wrapper, subclassed
+    "warmup_subclasses_library": (("linear_warmup", """from fasttrain.schedules import LinearWarmup as _LibraryWarmup
+
+
+class LinearWarmup(_LibraryWarmup):
+    pass
+"""), WARMUP),
+    # radam_rectification
+    "rectification_without_threshold": (_edit("radam_rect", "    if rho_t <= 5:\n        return None\n", ""), RADAM),
+    # Liu et al.'s bound of 4 as the threshold, where torch.optim.RAdam uses 5
+    "radam_threshold_4": (_edit("radam_rect", "if rho_t <= 5:", "if rho_t <= 4:"), RADAM),
+    # rho_inf = 2 / (1 - beta2), without the - 1
+    "rho_inf_off_by_one": (_edit("radam_rect", "rho_inf = 2 / (1 - beta2) - 1", "rho_inf = 2 / (1 - beta2)"), RADAM),
+    # the library's rectification, imported under the exercise's name
+    "radam_from_the_library": (("radam_rect", "from fasttrain.schedules import radam_rectification\n"), RADAM),
 }
 
-EXERCISE_TESTS = ("test_one_cycle_two_phase", "test_one_cycle_three_phase", "test_linear_warmup", "test_radam_rect")
+# Mistakes in different exercises share a submission (each test grades one exercise), so the real nbgrader
+# grades 8 wrong submissions for the 17 mistakes, plus the solution and the blank copy.
+SUBMISSIONS = [
+    ("cos_linear_mixup", "warmup_compounds", "rectification_without_threshold"),
+    ("no_momentum_cycling", "warmup_starts_at_zero", "radam_threshold_4"),
+    ("phase_end_off_by_one", "warmup_base_lrs", "rho_inf_off_by_one"),
+    ("three_phase_end_off_by_one", "warmup_not_scaled_at_start", "radam_from_the_library"),
+    ("min_lr_from_max", "warmup_subclasses_library"),
+    ("momentum_reversed",),
+    ("rounded_phase_ends",),
+    ("one_cycle_delegates_to_torch",),
+]
+STUDENT = {mistake: "__".join(group) for group in SUBMISSIONS for mistake in group}
+
+
+def test_every_mistake_is_graded_once_and_no_submission_has_two_answers_to_one_exercise():
+    assert sorted(STUDENT) == sorted(MISTAKES)
+    for group in SUBMISSIONS:
+        cells = [MISTAKES[m][0][0] for m in group]
+        assert len(cells) == len(set(cells)), group
 
 
 @pytest.fixture(scope="module")
 def scores():
-    return grade_variants(SLUG, WRONG, timeout=60)
+    variants = {"__".join(group): dict(MISTAKES[m][0] for m in group) for group in SUBMISSIONS}
+    return grade_variants(SLUG, variants, timeout=60)
 
 
 def test_solution_gets_full_marks(scores):
@@ -260,19 +370,18 @@ def test_blank_student_copy_scores_zero(scores):
     assert scores["blank"]["total"] == 0
 
 
-@pytest.mark.parametrize("variant,failing", [
-    ("cos_linear_mixup", {"test_one_cycle_two_phase", "test_one_cycle_three_phase"}),
-    ("no_momentum_cycling", {"test_one_cycle_two_phase", "test_one_cycle_three_phase"}),
-    ("phase_end_off_by_one", {"test_one_cycle_two_phase", "test_one_cycle_three_phase"}),
-    ("three_phase_end_off_by_one", {"test_one_cycle_three_phase"}),
-    ("warmup_compounds", {"test_linear_warmup"}),
-    ("warmup_starts_at_zero", {"test_linear_warmup"}),
-    ("rectification_without_threshold", {"test_radam_rect"}),
-])
-def test_typical_mistake_loses_the_points_of_its_test(scores, variant, failing):
-    s = scores[variant]
-    assert all(s[t] == 0 for t in failing), f"{variant} should fail {sorted(failing)}: {s}"
-    assert all(s[t] > 0 for t in EXERCISE_TESTS if t not in failing), f"{variant} should lose only {sorted(failing)}: {s}"
+def test_autograding_reports_no_changed_cells_and_no_tampering(scores):
+    assert "has changed" not in scores.log and "Tampering" not in scores.log, scores.log[-3000:]
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_typical_mistake_loses_the_points_of_its_test(scores, mistake):
+    student = STUDENT[mistake]
+    s = scores[student]
+    failing = MISTAKES[mistake][1]
+    assert all(s[t] == 0 for t in failing), f"{mistake} should fail {sorted(failing)}: {s}"
+    wrong = set().union(*(MISTAKES[m][1] for m in student.split("__")))
+    assert all(s[t] > 0 for t in EXERCISE_TESTS if t not in wrong), f"{student} should lose only {sorted(wrong)}: {s}"
 
 
 def test_smoke_run_reaches_its_targets_and_records_them():
@@ -280,8 +389,14 @@ def test_smoke_run_reaches_its_targets_and_records_them():
     assert record["chapter"] == SLUG and record["profile"] == "smoke"
     assert record["passed"] is True, record
     metrics = {m["metric"]: m for m in record["metrics"]}
-    assert set(metrics) == {"recipe_test_acc"}
+    assert set(metrics) == {"recipe_test_acc", "adam_cold_spike_fraction", "adam_warmup_spike_fraction",
+                            "sharpness_converged_fraction", "onecycle_gain_over_constant"}
     runs = record["extra"]["adam_runs"]
-    assert len(runs) == 10, "5 seeds with and without warm-up"
+    assert len(runs) == 4 and all(len(seeds) == 5 for seeds in runs.values()), "4 settings, 5 seeds each"
+    sweep = record["extra"]["schedule_sweep"]
+    assert {r["schedule"] for r in sweep} == {"constant", "step", "cosine", "one cycle"}
+    assert len(sweep) == 4 * len(record["settings"]["sched_factors"]) * record["settings"]["sched_seeds"]
+    curves = record["extra"]["sharpness"]
+    assert all(all(c["converged"]) for c in curves.values()), "every sharpness estimate converged"
     for key in ("device", "wall_seconds", "torch_version", "fasttrain_version", "date"):
         assert record[key]
