@@ -13,11 +13,17 @@ A "neuron" is one entry of the input of an activation module (`nn.ReLU`, `nn.GEL
 unit of a linear layer, or one channel at one position of a convolution (after BatchNorm,
 which is put in eval mode while measuring). The hooks sit on the activation modules, so a model
 must use them as modules, not as `F.relu` calls.
+
+`StackedMLP` trains several MLPs of one layout at once (one per seed, or per variant): one batched
+matrix product per layer for all of them. A tiny MLP's training step on a GPU is bound by kernel
+launches, not by arithmetic, so a stack of M networks costs about as much as one; `member(i)` gives
+network i back as a plain `nn.Sequential`, which `local_complexity` measures.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+import copy
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -152,3 +158,104 @@ class LocalComplexityMonitor(Callback):
         """(steps, values) of one logged quantity, for plotting."""
         rows = [h for h in self.history if key in h]
         return np.array([h["step"] for h in rows]), np.array([h[key] for h in rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# Several MLPs trained at once
+# ---------------------------------------------------------------------------------------------
+
+class _StackedLinear(nn.Module):
+    """M linear layers applied at once: (M, N, in) -> (M, N, out), member i with its own weight and bias."""
+
+    def __init__(self, layers: Sequence[nn.Linear]):
+        super().__init__()
+        if any(layer.bias is None for layer in layers):
+            raise ValueError("StackedMLP needs linear layers with a bias")
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach().T for layer in layers]).clone())  # (M, in, out)
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers])[:, None, :].clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+    def unstack(self, i: int, layer: nn.Linear) -> None:
+        layer.weight.copy_(self.weight[i].T)
+        layer.bias.copy_(self.bias[i, 0])
+
+
+class _StackedBatchNorm(nn.Module):
+    """M BatchNorm1d layers at once: one BatchNorm1d over M * features channels, so each member has its own statistics."""
+
+    def __init__(self, layers: Sequence[nn.BatchNorm1d]):
+        super().__init__()
+        first = layers[0]
+        self.features = first.num_features
+        self.norm = nn.BatchNorm1d(len(layers) * self.features, eps=first.eps, momentum=first.momentum)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(self.norm, name).copy_(torch.cat([getattr(layer, name) for layer in layers]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, n, w = x.shape
+        return self.norm(x.transpose(0, 1).reshape(n, m * w)).reshape(n, m, w).transpose(0, 1)
+
+    def unstack(self, i: int, layer: nn.BatchNorm1d) -> None:
+        part = slice(i * self.features, (i + 1) * self.features)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(layer, name).copy_(getattr(self.norm, name)[part])
+        layer.num_batches_tracked.copy_(self.norm.num_batches_tracked)
+
+
+class StackedMLP(nn.Module):
+    """Several MLPs of the same layout (nn.Linear, nn.BatchNorm1d, activations) trained as one module.
+
+    `StackedMLP([net_0, net_1, ...])` copies the networks' weights; `forward` takes (M, N, d), each member
+    its own batch, or (N, d), the same batch for all, and returns (M, N, outputs). The members share
+    nothing but the optimizer's step (with Adam or AdamW each parameter entry has its own moments, so a
+    member trains as it would alone when the loss is a sum over members). `member(i)` returns network i
+    with its current weights, as an `nn.Sequential` like the ones it was built from.
+    """
+
+    def __init__(self, models: Sequence[nn.Sequential]):
+        super().__init__()
+        if not models:
+            raise ValueError("StackedMLP needs at least one network")
+        layouts = {tuple(type(m).__name__ for m in model) for model in models}
+        if len(layouts) != 1:
+            raise ValueError(f"StackedMLP needs networks of one layout; got {sorted(layouts)}")
+        shapes = {tuple(tuple(p.shape) for p in model.parameters()) for model in models}
+        if len(shapes) != 1:
+            raise ValueError("StackedMLP needs networks whose layers have the same sizes")
+        self._template = (copy.deepcopy(models[0]).cpu(),)  # in a tuple: not a submodule, so not trained
+        layers = []
+        for group in zip(*models):
+            if isinstance(group[0], nn.Linear):
+                layers.append(_StackedLinear(group))
+            elif isinstance(group[0], nn.BatchNorm1d):
+                layers.append(_StackedBatchNorm(group))
+            elif any(True for _ in group[0].parameters()):
+                raise TypeError(f"StackedMLP cannot stack {type(group[0]).__name__} layers (only nn.Linear, "
+                                f"nn.BatchNorm1d and parameter-free layers such as activations)")
+            else:
+                layers.append(copy.deepcopy(group[0]))
+        self.layers = nn.Sequential(*layers)
+        self.members = len(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:
+            x = x.expand(self.members, *x.shape)
+        if x.ndim != 3 or x.shape[0] != self.members:
+            raise ValueError(f"StackedMLP of {self.members} networks takes inputs of shape (N, d) or "
+                             f"({self.members}, N, d); got {tuple(x.shape)}")
+        return self.layers(x)
+
+    @torch.no_grad()
+    def member(self, i: int) -> nn.Sequential:
+        """Network i with its current weights (and BatchNorm statistics), on the stack's device."""
+        if not 0 <= i < self.members:
+            raise IndexError(f"member {i} of a stack of {self.members} networks")
+        first = next(self.parameters())
+        net = copy.deepcopy(self._template[0]).to(first.device)
+        for stacked, layer in zip(self.layers, net):
+            if hasattr(stacked, "unstack"):
+                stacked.unstack(i, layer)
+        return net.train(self.training)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -11,10 +13,10 @@ import torch
 from torch import nn
 
 from chapters import execute_chapter
-from fasttrain.local_complexity import (LocalComplexityMonitor, count_sign_changes, cross_polytope,
+from fasttrain.local_complexity import (LocalComplexityMonitor, StackedMLP, count_sign_changes, cross_polytope,
                                         first_layer_closed_form, local_complexity, log_spaced_steps,
                                         orthonormal_directions)
-from fasttrain.regions import activation_patterns, plot_regions, region_ids
+from fasttrain.regions import activation_patterns, count_regions, plot_regions, region_ids
 from grading import edit_solution, grade_variants, solution_namespace
 
 SLUG = "07_local_complexity"
@@ -144,6 +146,83 @@ def test_monitor_as_a_learner_callback_measures_at_step_zero_and_after_chosen_st
     assert model.training, "measuring must leave the model in training mode during fit"
 
 
+# --- several MLPs trained at once -----------------------------------------------------------------
+
+def digits_like_mlp(seed: int, batchnorm: bool = False, width: int = 7) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, width), *([nn.BatchNorm1d(width)] if batchnorm else []), nn.ReLU(),
+                         nn.Linear(width, width), *([nn.BatchNorm1d(width)] if batchnorm else []), nn.ReLU(),
+                         nn.Linear(width, 3))
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_stack_computes_what_each_member_computes(batchnorm):
+    nets = [digits_like_mlp(s, batchnorm) for s in range(3)]
+    stack = StackedMLP(nets)
+    x = torch.randn(3, 16, 5)
+    out = stack(x)
+    assert out.shape == (3, 16, 3)
+    for i, net in enumerate(nets):
+        assert torch.allclose(out[i], net(x[i]), atol=1e-6), f"member {i} differs in training mode"
+    stack.eval()
+    for net in nets:
+        net.eval()
+    assert torch.allclose(stack(x)[1], nets[1](x[1]), atol=1e-6), "eval mode uses each member's running statistics"
+    shared = torch.randn(16, 5)
+    assert torch.allclose(stack(shared)[2], nets[2](shared), atol=1e-6), "an (N, d) input goes to every member"
+    assert len(list(stack.parameters())) == len(list(nets[0].parameters())), "the layout copy must not be trained"
+
+
+def test_stack_trains_each_member_as_if_alone():
+    nets = [digits_like_mlp(s) for s in range(3)]
+    stack = StackedMLP([copy.deepcopy(n) for n in nets])
+    x, y = torch.randn(3, 16, 5), torch.randn(3, 16, 3)
+    opt = torch.optim.AdamW(stack.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        ((stack(x) - y) ** 2).mean(dim=(1, 2)).sum().backward()
+        opt.step()
+    for i, net in enumerate(nets):
+        alone = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+        for _ in range(3):
+            alone.zero_grad()
+            torch.nn.functional.mse_loss(net(x[i]), y[i]).backward()
+            alone.step()
+        member = stack.member(i)
+        for (name, a), b in zip(member.state_dict().items(), net.state_dict().values()):
+            assert torch.allclose(a, b, atol=1e-5), f"member {i}, {name}"
+
+
+def test_stack_member_is_a_copy_with_batchnorm_statistics_and_mode():
+    nets = [digits_like_mlp(s, batchnorm=True) for s in range(2)]
+    stack = StackedMLP(nets)
+    stack(torch.randn(2, 32, 5))  # updates every member's running statistics
+    member = stack.member(1)
+    assert isinstance(member, nn.Sequential) and member.training
+    assert not torch.equal(member[1].running_mean, torch.zeros(7)), "running statistics must come along"
+    with torch.no_grad():
+        member[0].weight.zero_()
+    assert not torch.equal(stack.member(1)[0].weight, member[0].weight), "member() must return a copy"
+    assert not stack.eval().member(0).training
+
+
+def test_stack_rejects_networks_of_different_layouts_or_sizes():
+    with pytest.raises(ValueError, match="one layout"):
+        StackedMLP([digits_like_mlp(0), digits_like_mlp(1, batchnorm=True)])
+    with pytest.raises(ValueError, match="same sizes"):
+        StackedMLP([digits_like_mlp(0, width=7), digits_like_mlp(1, width=8)])
+    with pytest.raises(ValueError, match=r"\(2, N, d\)"):
+        StackedMLP([digits_like_mlp(0), digits_like_mlp(1)])(torch.randn(3, 4, 5))
+
+
+def test_local_complexity_of_a_member_is_that_of_the_network_it_came_from():
+    nets = [digits_like_mlp(s, batchnorm=True) for s in range(2)]
+    stack = StackedMLP(nets)
+    x = torch.randn(40, 5)
+    v = orthonormal_directions(5, 3, seed=1)
+    assert torch.equal(local_complexity(stack.member(1), x, 0.3, directions=v), local_complexity(nets[1], x, 0.3, directions=v))
+
+
 # --- the regions picture -------------------------------------------------------------------------
 
 def test_regions_of_a_hand_built_network_are_its_quadrants():
@@ -161,6 +240,20 @@ def test_regions_of_a_hand_built_network_are_its_quadrants():
     fig, ax = plt.subplots()
     assert plot_regions(model, ax, xlim=(-1, 1), ylim=(-1, 1), resolution=64) == 4
     plt.close(fig)
+    assert count_regions(model, xlim=(-1, 1), ylim=(-1, 1), resolution=64) == 4
+    assert count_regions(model, xlim=(0.1, 1), ylim=(0.1, 1), resolution=64) == 1, "only the window's regions count"
+
+
+def test_count_regions_sees_what_plot_regions_draws():
+    import matplotlib.pyplot as plt
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(50, 2)
+    fig, ax = plt.subplots()
+    drawn = plot_regions(model, ax, x, resolution=120)
+    plt.close(fig)
+    assert count_regions(model, x, resolution=120) == drawn > 4
 
 
 # --- the exercises agree with the library ---------------------------------------------------------
@@ -195,7 +288,18 @@ def _edit(grade_id: str, old: str, new: str) -> dict[str, str]:
     return {grade_id: edit_solution(SLUG, grade_id, old, new)}
 
 
+def _edits(grade_id: str, *pairs: tuple[str, str]) -> dict[str, str]:
+    """A wrong variant of solution cell `grade_id` with several (old, new) replacements."""
+    src = edit_solution(SLUG, grade_id, *pairs[0])
+    for old, new in pairs[1:]:
+        assert old in src, f"{old!r} not found in {grade_id}: update this test"
+        src = src.replace(old, new)
+    return {grade_id: src}
+
+
 QR = "q, _ = torch.linalg.qr(torch.randn(dim, n, generator=gen, dtype=torch.float64))\n    return q.T"
+HOOKS = ("outputs = []\n    handles = [m.register_forward_hook(lambda module, inputs, out: outputs.append(out)) "
+         "for m in hidden]")
 WRONG = {
     # Random unit vectors, not orthogonalised.
     "unit_not_orthogonal": _edit("cross_polytope", QR,
@@ -213,7 +317,27 @@ WRONG = {
     # Hooks that read each hidden linear layer's input (the previous ReLU's output, or the raw input).
     "hooks_after_relu": _edit("mlp_lc", "outputs.append(out)", "outputs.append(inputs[0])"),
     # The output layer counted too.
-    "counts_output_layer": _edit("mlp_lc", "isinstance(m, nn.Linear)][:-1]", "isinstance(m, nn.Linear)]"),
+    "counts_output_layer": _edit("mlp_lc", "list(dict.fromkeys(linears[:-1]))", "list(dict.fromkeys(linears))"),
+    # New: the directions drawn from the global random generator, so the seed does nothing.
+    "ignores_seed": _edit("cross_polytope", "torch.randn(dim, n, generator=gen, dtype=torch.float64)",
+                          "torch.randn(dim, n, dtype=torch.float64)"),
+    # New: only the first and the last vertex compared (x + r v_1 against x - r v_P).
+    "compares_two_vertices": _edit("count_sign_changes", "(signs != signs[:, :1]).any(dim=1).sum(dim=-1)",
+                                   "(signs[:, 0] != signs[:, -1]).sum(dim=-1)"),
+    # New: each layer's output reshaped vertex-major, (2P, B, N): the vertices of different points mixed up.
+    "reshape_vertex_major": _edit("mlp_lc", "out.reshape(x.shape[0], n_vertices, -1)",
+                                  "out.reshape(n_vertices, x.shape[0], -1).transpose(0, 1)"),
+    # New: one output kept per module (a dict, as in the authors' script): a layer called twice counts once.
+    "shared_layer_counted_once": _edits("mlp_lc", (HOOKS, "outputs = {}\n    handles = [m.register_forward_hook("
+                                                          "lambda module, inputs, out: outputs.__setitem__(module, out)) "
+                                                          "for m in hidden]"),
+                                        ("for out in outputs:", "for out in outputs.values():")),
+    # New: the hooks removed after the forward pass, not in a finally block: a failing pass leaves them behind.
+    "hooks_removed_without_finally": _edit("mlp_lc", "    try:\n        with torch.no_grad():\n"
+                                                     "            model(vertices.reshape(-1, x.shape[1]))\n"
+                                                     "    finally:\n        for h in handles:\n            h.remove()",
+                                           "    with torch.no_grad():\n        model(vertices.reshape(-1, x.shape[1]))\n"
+                                           "    for h in handles:\n        h.remove()"),
 }
 TESTS = ("test_cross_polytope", "test_count_sign_changes", "test_mlp_lc")
 
@@ -231,6 +355,10 @@ def test_blank_student_copy_scores_zero(scores):
     assert scores["blank"]["total"] == 0, scores["blank"]
 
 
+def test_grading_logs_no_tampering_or_changed_cells(scores):
+    assert "has changed" not in scores.log and "Tampering" not in scores.log, scores.log[-3000:]
+
+
 @pytest.mark.parametrize("variant,test_id", [
     ("unit_not_orthogonal", "test_cross_polytope"),
     ("raw_gaussian_directions", "test_cross_polytope"),
@@ -238,6 +366,11 @@ def test_blank_student_copy_scores_zero(scores):
     ("count_relu_values", "test_count_sign_changes"),
     ("hooks_after_relu", "test_mlp_lc"),
     ("counts_output_layer", "test_mlp_lc"),
+    ("ignores_seed", "test_cross_polytope"),
+    ("compares_two_vertices", "test_count_sign_changes"),
+    ("reshape_vertex_major", "test_mlp_lc"),
+    ("shared_layer_counted_once", "test_mlp_lc"),
+    ("hooks_removed_without_finally", "test_mlp_lc"),
 ])
 def test_typical_mistake_loses_the_points_of_its_test(scores, variant, test_id):
     s = scores[variant]
@@ -257,8 +390,13 @@ def test_smoke_run_is_exact_against_the_closed_form_and_finishes():
     _, record = execute_chapter(SLUG)
     assert record["chapter"] == SLUG and record["profile"] == "smoke"
     assert record["passed"] is True, record
+    assert record["threads"] == 1, "the chapter runs on one CPU thread (a recorded choice)"
     metrics = {m["metric"]: m for m in record["metrics"]}
     assert metrics["lc_first_layer_mismatches"]["value"] == 0
     assert metrics["grok_steps_completed"]["value"] == 1
-    assert record["extra"]["grokking_reproduced"] in (True, False)
-    assert set(record["extra"]["runs"]) == {"plain", "batchnorm", "30% noisy labels"}
+    runs = record["extra"]["runs"]
+    assert set(runs) == {"plain", "batchnorm", "noisy labels"}
+    seeds = record["settings"]["grok_seeds"]
+    assert all(len(rows) == seeds for rows in runs.values()), "one summary per seed and variant"
+    assert {s["seed"] for s in runs["plain"]} == {s["seed"] for s in runs["batchnorm"]}, "the variants share seeds"
+    assert len(record["extra"]["moons"]) >= 2 and len(record["extra"]["moons"][0]["lc_data"]) == 3
