@@ -301,8 +301,9 @@ class Run:
             results.write_json_atomically(Path(os.environ[RECORD_OUT_ENV]), record)
         if main:
             results.print_record(record)
-        if _current is self:
+        if _current is self:  # the run is over: later loops in this process are no longer cut or counted
             force_autocast_dtype(None)
+            _current = None
         if main and record["passed"] is not False:
             _remove_tree(self.checkpoint_dir)
         results.check_targets(record)
