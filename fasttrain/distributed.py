@@ -261,6 +261,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if not self.training or world_size() == 1:
             return super().forward(x)
         dims = (0, 2, 3)
+        dtype = x.dtype  # under autocast x may be bf16 or fp16: the statistics are taken in float32, as BatchNorm does
+        x = x.float()
         count = _AllReduceSum.apply(torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device))
         mean = _AllReduceSum.apply(x.sum(dims)) / count
         centred = x - mean.view(1, -1, 1, 1)
@@ -275,7 +277,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
         if self.affine:
             out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-        return out
+        return out.to(dtype)
 
 
 class PerDeviceBatchNorm2d(nn.BatchNorm2d):
@@ -297,7 +299,8 @@ class PerDeviceBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.devices == 1:
             return super().forward(x)
-        n = x.shape[0]
+        n, dtype = x.shape[0], x.dtype  # statistics in float32 under autocast too, as BatchNorm takes them
+        x = x.float()
         if n % self.devices:
             raise ValueError(f"a batch of {n} cannot be split evenly over {self.devices} devices: choose a batch "
                              f"size that is a multiple of {self.devices}")
@@ -315,7 +318,7 @@ class PerDeviceBatchNorm2d(nn.BatchNorm2d):
         out = ((parts - mean) * torch.rsqrt(var + self.eps)).reshape_as(x)
         if self.affine:
             out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-        return out
+        return out.to(dtype)
 
 
 def convert_batchnorm(model: nn.Module, make: Callable[[nn.BatchNorm2d], nn.Module]) -> nn.Module:

@@ -129,7 +129,7 @@ def tune_and_repeat(train: Callable[[float, int], dict], rates: Sequence[float],
     `train(lr, seed)` returns a dict of numbers (higher `score` is better; score it on held-out
     training images, never on the test set). A rate whose loss becomes inf or NaN loses the sweep.
     Returns {"rates": {lr: score}, "lr": the chosen rate, "at_edge": whether it is the smallest or
-    largest rate tried, "runs": one result per seed at that rate}. In a dry run only the first
+    largest of the rates that did not diverge, "runs": one result per seed at that rate}. In a dry run only the first
     training runs (its result stands for every seed), and its cost counts for all of them.
     """
     if not rates or not seeds:
@@ -169,8 +169,9 @@ def tune_and_repeat(train: Callable[[float, int], dict], rates: Sequence[float],
         raise NonFiniteLossError(f"{name or 'this setting'}: the loss became inf or NaN at every rate tried "
                                  f"({', '.join(f'{lr:g}' for lr in rates)}); try smaller rates")
     runs = [first[best]] + [one(best, s) for s in seeds[1:]]
+    finite = [lr for lr in rates if scores[lr] > -math.inf]  # next to a diverged rate is the edge of what trains
     return {"rates": {lr: (None if s == -math.inf else s) for lr, s in scores.items()}, "lr": best,
-            "at_edge": len(rates) > 1 and best in (min(rates), max(rates)), "runs": runs}
+            "at_edge": len(rates) > 1 and best in (min(finite), max(finite)), "runs": runs}
 
 
 def mean_spread(values: Sequence[float]) -> tuple[float, float]:

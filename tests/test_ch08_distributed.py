@@ -195,6 +195,36 @@ def test_per_device_batchnorm_normalises_each_strided_share_with_its_own_statist
         layer(torch.randn(4, 3, 5, 5))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_per_device_batchnorm_takes_low_precision_activations_and_keeps_float32_statistics(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)
+    layer = distributed.PerDeviceBatchNorm2d(3, devices=2)
+    reference = distributed.PerDeviceBatchNorm2d(3, devices=2)
+    out = layer(x.to(dtype))  # what a convolution hands on under autocast
+    assert out.dtype == dtype and layer.running_mean.dtype == torch.float32
+    assert torch.allclose(out.float(), reference(x), atol=0.05)
+    assert torch.allclose(layer.running_mean, reference.running_mean, atol=1e-2)
+
+
+def _sync_bn_in_low_precision(rank, world):
+    torch.manual_seed(rank)
+    x = torch.randn(4, 3, 4, 4)
+    layer = distributed.SyncBatchNorm2d(3)
+    out = layer(x.to(torch.bfloat16))
+    out.float().sum().backward()
+    everyone = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(everyone, x)
+    whole = torch.cat(everyone)
+    return (out.dtype, layer.running_mean.dtype, (layer.running_mean - 0.1 * whole.mean((0, 2, 3))).abs().max().item())
+
+
+def test_sync_batchnorm_takes_bf16_activations_and_keeps_float32_statistics():
+    for dtype, stats, gap in distributed.launch_local(_sync_bn_in_low_precision, 2):
+        assert dtype == torch.bfloat16 and stats == torch.float32
+        assert gap < 1e-2, "the running mean follows the global batch's mean"
+
+
 def test_launch_local_returns_each_process_result_and_raises_what_a_process_raised():
     def ranks(rank, world):
         t = torch.tensor([float(rank)])
