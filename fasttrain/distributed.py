@@ -262,7 +262,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         dims = (0, 2, 3)
         dtype = x.dtype  # under autocast x may be bf16 or fp16: the statistics are taken in float32, as BatchNorm does
-        x = x.float()
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         count = _AllReduceSum.apply(torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device))
         mean = _AllReduceSum.apply(x.sum(dims)) / count
         centred = x - mean.view(1, -1, 1, 1)
@@ -300,7 +300,7 @@ class PerDeviceBatchNorm2d(nn.BatchNorm2d):
         if not self.training or self.devices == 1:
             return super().forward(x)
         n, dtype = x.shape[0], x.dtype  # statistics in float32 under autocast too, as BatchNorm takes them
-        x = x.float()
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         if n % self.devices:
             raise ValueError(f"a batch of {n} cannot be split evenly over {self.devices} devices: choose a batch "
                              f"size that is a multiple of {self.devices}")
