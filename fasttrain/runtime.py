@@ -385,6 +385,8 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "tolist") and getattr(value, "ndim", 0) > 0:  # a numpy array: its numbers, not its repr
+        return _jsonable(value.tolist())
     if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
         try:
             return value.item()

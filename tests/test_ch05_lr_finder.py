@@ -620,6 +620,9 @@ def test_smoke_run_trains_at_the_suggested_rate_to_its_target_and_records_the_sw
     assert record["chapter"] == SLUG and record["profile"] == "smoke"
     assert record["passed"] is True, record
     assert {m["metric"] for m in record["metrics"]} >= {"suggested_lr_test_accuracy"}
-    extra = record["extra"]
-    assert set(extra["suggestions"]) == {"minimum/10", "steepest", "valley"}
-    assert len(extra["sweep"]) >= 5 and extra["finder_seconds"] > 0 and extra["sweep_seconds"] > 0
+    extra, seeds = record["extra"], record["settings"]["seeds"]
+    assert len(extra["suggestions"]) == seeds, "one range test per seed"
+    assert all(set(rules) == {"minimum/10", "steepest", "valley"} for rules in extra["suggestions"].values())
+    assert len(record["settings"]["sweep_lrs"]) >= 5 and len(extra["sweep"]) == seeds
+    assert len(extra["finder_seconds"]) == len(extra["sweep_seconds"]) == seeds
+    assert all(t > 0 for t in extra["finder_seconds"] + extra["sweep_seconds"])
