@@ -13,6 +13,8 @@ from fasttrain_course.paths import chapters
 
 from conftest import ROOT
 
+SPLIT_BETWEEN_WORKERS = True  # each dry run is its own job for pytest-xdist (tests/conftest.py)
+
 CASES = [(slug, profile, dtype) for slug in chapters(ROOT)
          for profile, dtype in (("full", "bf16"), ("full", "fp16"), ("cpu", "bf16"))]
 
