@@ -152,8 +152,9 @@ class DeviceLoader:
             order = distributed.shard(order if order is not None else torch.arange(n, device=self.device),
                                       pad=self.shuffle)
             n = len(order)
+        keep = runtime.dry_batch_samples() or self.batch_size  # an fp16 dry run on a CPU keeps a few samples a batch
         for b in range(runtime.cut(len(self))):
-            sl = slice(b * self.batch_size, min((b + 1) * self.batch_size, n))
+            sl = slice(b * self.batch_size, min(b * self.batch_size + keep, (b + 1) * self.batch_size, n))
             if order is None:
                 xb, yb = self.x[sl], self.y[sl]
             else:

@@ -115,6 +115,7 @@ def build_record(run: "Run") -> dict:
         "parameters": run.parameters,
         "settings": run.settings,
         "dry_run_overrides": run.dry_overrides,
+        "dry_run_samples_per_batch": run.dry_samples_per_batch,
         "glue": run.glued,
         "extra": run.extra,
         "wall_seconds": round(run.wall_seconds, 2),

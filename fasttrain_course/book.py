@@ -75,9 +75,13 @@ def later_problems(record: dict, results_dir: Path) -> list[dict]:
     """Runs of the same chapter and profile after the shown one that failed, missed a target or never finished."""
     folder = results_dir / record["profile"] / record["chapter"]
     problems = []
+    shown = record.get("run_id")
     for path in sorted(folder.glob("*.json")):
         rec = json.loads(path.read_text())
-        if rec.get("date", "") > record["date"] and rec.get("status") in ("failed", "missed", "running"):
+        # Files are named by their run's start to the microsecond (a run id, or <start>-started.json): later
+        # than the shown run's id is later, even within the same second (dates are to the second).
+        later = path.stem.split("-")[0] > shown if shown else rec.get("date", "") > record["date"]
+        if later and rec.get("status") in ("failed", "missed", "running"):
             problems.append(rec)
     return problems
 

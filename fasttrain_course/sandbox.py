@@ -414,6 +414,8 @@ class RefuseOutsideLinks(Preprocessor):
     failed, removes what it copied, and goes on with the class.
     """
 
+    enabled = Bool(True, help="nbconvert's preprocessors are off unless enabled: this one is always on").tag(config=True)
+
     def preprocess(self, nb, resources):
         given = os.path.abspath(resources.get("metadata", {}).get("path") or ".")
         for path in (given, os.path.dirname(given)):  # submitted/<student>/<assignment> and submitted/<student>

@@ -74,3 +74,15 @@ def test_every_glue_key_a_recorded_page_refers_to_is_defined_by_its_run(repo_roo
         nb = nbformat.read(str(path), as_version=4)
         missing = glue_references(nb) - glued_keys(nb)
         assert not missing, f"{path.relative_to(repo_root)} refers to glue keys its run never defined: {sorted(missing)}"
+
+
+GLUED_NAME = re.compile(r"\brun\.(?:glue|metric)\(\s*[\"']([A-Za-z0-9_]+)[\"']")
+
+
+@pytest.mark.parametrize("slug", chapters(__import__("pathlib").Path(__file__).resolve().parent.parent))
+def test_no_glue_key_is_defined_twice(repo_root, slug):
+    """myst-nb refuses a page whose run glued one key twice (run.metric glues under the metric's name too)."""
+    nb = nbformat.read(str(repo_root / "solutions" / slug / f"{slug}.ipynb"), as_version=4)
+    names = [name for c in nb.cells if c.cell_type == "code" for name in GLUED_NAME.findall(c.source)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    assert not twice, f"{slug} glues {twice} more than once: give each value one name"
