@@ -87,6 +87,14 @@ def dry_batch_samples() -> int | None:
     return _current.dry_samples_per_batch if _current is not None else None
 
 
+def cut_batch(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch, or its first `dry_batch_samples()` samples in an fp16 dry run on a CPU."""
+    keep = dry_batch_samples()
+    if keep is None or len(xb) <= keep:
+        return xb, yb
+    return xb[:keep], yb[:keep]
+
+
 def cut(planned: int, steps: int = DRY_STEPS) -> int:
     """`planned` steps normally; at most `steps` of them in a dry run."""
     return min(planned, steps) if is_dry_run() else planned

@@ -169,6 +169,7 @@ class Learner:
         for self.batch_index, (self.xb, self.yb) in enumerate(data):
             if self.batch_index >= limit:
                 break
+            self.xb, self.yb = runtime.cut_batch(self.xb, self.yb)
             if not self._checked_devices:
                 check_same_device(self.model, self.xb, self.yb)
                 self._checked_devices = True
@@ -420,6 +421,7 @@ def evaluate(model: torch.nn.Module, data: Iterable, loss_fn: Callable = F.cross
         for i, (xb, yb) in enumerate(data):
             if i >= limit:
                 break
+            xb, yb = runtime.cut_batch(xb, yb)
             check_same_device(model, xb, yb)
             with m.measure(batch=int(yb.shape[0])), autocast(device, enabled=mixed_precision):
                 preds = model(xb)
