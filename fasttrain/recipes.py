@@ -194,7 +194,7 @@ def predict(model: nn.Module, images: torch.Tensor, tta: int = 0, batch_size: in
     meter = runtime.meter("eval", "recipe predict")
     meter.plan(math.ceil(len(images) / batch_size), len(images))
     if runtime.is_dry_run():  # a few small batches: the same code path at a fraction of the cost
-        batch_size = min(batch_size, 64)
+        batch_size = min(batch_size, runtime.dry_batch_samples() or 64)
         images = images[:runtime.cut(len(images), runtime.DRY_STEPS * batch_size)]
     for x in images.split(batch_size):
         with meter.measure(batch=len(x)), autocast(device, enabled=mixed_precision):
