@@ -169,14 +169,13 @@ class Learner:
         for self.batch_index, (self.xb, self.yb) in enumerate(data):
             if self.batch_index >= limit:
                 break
-            self.xb, self.yb = runtime.cut_batch(self.xb, self.yb)
             if not self._checked_devices:
                 check_same_device(self.model, self.xb, self.yb)
                 self._checked_devices = True
             try:
                 self.callback("before_batch")
                 if self.training:
-                    self.preds, self.loss = self.step(self.xb, self.yb, events=self._step_event)
+                    self.preds, self.loss = self.step(self.xb, self.yb, events=self._step_event, whole_batch=True)
                 else:
                     with self._eval_meter.measure(batch=int(self.yb.shape[0])):
                         self.preds, self.loss = self.step.forward(self.xb, self.yb)
@@ -421,7 +420,6 @@ def evaluate(model: torch.nn.Module, data: Iterable, loss_fn: Callable = F.cross
         for i, (xb, yb) in enumerate(data):
             if i >= limit:
                 break
-            xb, yb = runtime.cut_batch(xb, yb)
             check_same_device(model, xb, yb)
             with m.measure(batch=int(yb.shape[0])), autocast(device, enabled=mixed_precision):
                 preds = model(xb)

@@ -386,11 +386,11 @@ def test_a_resnet9_that_returns_the_library_network_fails_its_tests():
 
 
 def test_a_replaced_allclose_does_not_pass_the_block_tests():
-    ns = _namespace_with(block_source=solution_source(SLUG, "residual_block").replace(
-        "return torch.relu(self.branch(x) + self.shortcut(x))", "return torch.relu(self.branch(x))")
-        + "\ntorch.allclose = lambda *args, **kwargs: True\n")
-    original = torch.allclose
+    original = torch.allclose  # before the student's cell replaces it (the namespace runs that cell)
     try:
+        ns = _namespace_with(block_source=solution_source(SLUG, "residual_block").replace(
+            "return torch.relu(self.branch(x) + self.shortcut(x))", "return torch.relu(self.branch(x))")
+            + "\ntorch.allclose = lambda *args, **kwargs: True\n")
         with pytest.raises(AssertionError, match="replaced"):
             exec(_test_cell("test_residual_block_skip"), ns)
     finally:
