@@ -302,7 +302,7 @@ def train_recipe(cfg: RecipeConfig, data: tuple[torch.Tensor, torch.Tensor, torc
             if step >= total_steps:
                 break
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            _, loss = train_step(x_epoch[idx], train_y[idx])
+            _, loss = train_step(*runtime.cut_batch(x_epoch[idx], train_y[idx]))  # fp16 dry run on a CPU: a few samples
             step += 1
             if step >= ema_start and step % ema_every == 0:
                 if average is None:

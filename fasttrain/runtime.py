@@ -300,7 +300,7 @@ class Run:
 
     @property
     def checkpoint_dir(self) -> Path:
-        tag = f"{self.profile}-dry" if self.dry_run else self.profile
+        tag = f"{self.profile}-dry-{self.dry_run}" if self.dry_run else self.profile  # bf16 and fp16 dry runs may run at once
         return cache_dir() / "checkpoints" / self.chapter / tag
 
     # --- the end ----------------------------------------------------------------------------

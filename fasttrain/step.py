@@ -96,15 +96,8 @@ class TrainStep:
             self.flush()
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor,
-                 events: Callable[[str], None] | None = None, whole_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """One whole training step on a batch; returns (predictions, loss).
-
-        In an fp16 dry run on a CPU the step takes the first few samples of the batch only
-        (`runtime.cut_batch`), and the predictions are theirs, unless `whole_batch` (the Learner,
-        whose metrics need every prediction, and whose DeviceLoaders cut their batches already).
-        """
-        if not whole_batch:
-            xb, yb = runtime.cut_batch(xb, yb)
+                 events: Callable[[str], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One whole training step on a batch; returns (predictions, loss)."""
         with self.meter.measure(batch=int(yb.shape[0]), low_precision=self.dtype is not None):
             preds, loss = self.preds, self.loss = self.forward(xb, yb)
             if events is not None:

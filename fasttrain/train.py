@@ -175,7 +175,7 @@ class Learner:
             try:
                 self.callback("before_batch")
                 if self.training:
-                    self.preds, self.loss = self.step(self.xb, self.yb, events=self._step_event, whole_batch=True)
+                    self.preds, self.loss = self.step(self.xb, self.yb, events=self._step_event)
                 else:
                     with self._eval_meter.measure(batch=int(self.yb.shape[0])):
                         self.preds, self.loss = self.step.forward(self.xb, self.yb)

@@ -27,14 +27,3 @@ if "FASTTRAIN_DATA" not in os.environ:
 def repo_root() -> Path:
     return ROOT
 
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Group tests for pytest-xdist's `--dist=loadgroup`: a file's tests stay together (they share module-scoped
-    fixtures such as a chapter's grading), except in files that set `SPLIT_BETWEEN_WORKERS = True`, whose
-    tests (independent dry runs) are shared out one by one."""
-    for item in items:
-        module = item.module
-        if getattr(module, "SPLIT_BETWEEN_WORKERS", False):
-            continue
-        item.add_marker(pytest.mark.xdist_group(Path(str(item.fspath)).name))

@@ -1,0 +1,12 @@
+"""Every chapter's cpu profile runs end to end on the CPU, a few steps per loop (tests/dry_runs.py)."""
+
+import pytest
+
+from conftest import ROOT
+from dry_runs import check_dry_run
+from fasttrain_course.paths import chapters
+
+
+@pytest.mark.parametrize("slug", chapters(ROOT))
+def test_dry_run_runs_every_code_path_and_measures_its_cost(slug):
+    check_dry_run(slug, "cpu", "bf16")
