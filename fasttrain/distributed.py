@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import math
 import os
 import pickle
 import shutil
@@ -301,10 +302,14 @@ class PerDeviceBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         n, dtype = x.shape[0], x.dtype  # statistics in float32 under autocast too, as BatchNorm takes them
         x = x.to(torch.promote_types(x.dtype, torch.float32))
-        if n % self.devices:
-            raise ValueError(f"a batch of {n} cannot be split evenly over {self.devices} devices: choose a batch "
-                             f"size that is a multiple of {self.devices}")
-        parts = x.reshape(n // self.devices, self.devices, *x.shape[1:])  # parts[:, r] is device r's share
+        devices = self.devices
+        from . import runtime  # (runtime imports this module)
+        if n % devices and runtime.dry_batch_samples():  # an fp16 dry run on a CPU cut the batch: same code path
+            devices = math.gcd(n, devices)
+        if n % devices:
+            raise ValueError(f"a batch of {n} cannot be split evenly over {devices} devices: choose a batch "
+                             f"size that is a multiple of {devices}")
+        parts = x.reshape(n // devices, devices, *x.shape[1:])  # parts[:, r] is device r's share
         dims = (0, 3, 4)
         mean = parts.mean(dims, keepdim=True)
         var = parts.var(dims, unbiased=False, keepdim=True)
@@ -312,7 +317,7 @@ class PerDeviceBatchNorm2d(nn.BatchNorm2d):
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                count = n // self.devices * x.shape[2] * x.shape[3]
+                count = n // devices * x.shape[2] * x.shape[3]
                 self.running_mean.lerp_(mean[0, 0].flatten(), m)
                 self.running_var.lerp_(var[0, 0].flatten() * count / max(count - 1, 1), m)
         out = ((parts - mean) * torch.rsqrt(var + self.eps)).reshape_as(x)

@@ -368,6 +368,8 @@ def start(chapter: str, profile: str = "auto", device: str | torch.device = "aut
               dry_run=dry_run, parameters={k: _jsonable(v) for k, v in (parameters or {}).items()})
     if dry_run == "fp16" and dev.type == "cpu":
         run.dry_samples_per_batch = DRY_FP16_CPU_SAMPLES
+    if dry_run and "RANK" not in os.environ:  # not in a torchrun job that the chapter's own run launched
+        _remove_tree(run.checkpoint_dir)  # a dry run never resumes: its cost must count every training
     _current = run
     if distributed.is_main():
         print(run.describe())
