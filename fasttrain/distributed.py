@@ -303,9 +303,10 @@ class PerDeviceBatchNorm2d(nn.BatchNorm2d):
         n, dtype = x.shape[0], x.dtype  # statistics in float32 under autocast too, as BatchNorm takes them
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         devices = self.devices
-        from . import runtime  # (runtime imports this module)
-        if n % devices and runtime.dry_batch_samples():  # an fp16 dry run on a CPU cut the batch: same code path
-            devices = math.gcd(n, devices)
+        if n % devices:
+            from . import runtime  # (runtime imports this module)
+            if runtime.dry_batch_samples():  # an fp16 dry run on a CPU cut the batch: the same code path
+                devices = math.gcd(n, devices)
         if n % devices:
             raise ValueError(f"a batch of {n} cannot be split evenly over {devices} devices: choose a batch "
                              f"size that is a multiple of {devices}")

@@ -333,9 +333,8 @@ class Run:
 
     def describe(self) -> str:
         """One line for the top of the notebook: profile, device, seed (no paths)."""
-        dry = f", dry run ({self.dry_run})" if self.dry_run else ""
-        if self.dry_samples_per_batch:
-            dry = f", dry run ({self.dry_run}, batches cut to {self.dry_samples_per_batch} samples)"
+        cut = f", batches cut to {self.dry_samples_per_batch} samples" if self.dry_samples_per_batch else ""
+        dry = f", dry run ({self.dry_run}{cut})" if self.dry_run else ""
         grading = ", graded by nbgrader: experiments skipped" if self.grading else ""
         return f"{self.chapter}: profile {self.profile}{dry} on {device_name(self.device)}, seed {self.seed}{grading}"
 
