@@ -102,15 +102,22 @@ def tripwires(*targets: str) -> Iterator[list[str]]:
     for path in targets:
         try:
             owner, name = _owner(path)
-            saved.append((owner, name, getattr(owner, name)))
+            getattr(owner, name)
         except (ImportError, AttributeError):
             continue  # not in this torch version: nothing to guard
+        # An inherited attribute (torch.optim.AdamW.step is Adam's) is removed again afterwards, not set: setting it
+        # would pin whatever the parent held then, another tripwire included, onto the subclass.
+        own = isinstance(owner, type) and name in vars(owner) or not isinstance(owner, type)
+        saved.append((owner, name, getattr(owner, name) if own else None, own))
         setattr(owner, name, wire(path))
     try:
         yield fired
     finally:
-        for owner, name, original in reversed(saved):
-            setattr(owner, name, original)
+        for owner, name, original, own in reversed(saved):
+            if own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)
 
 
 # The functional and class APIs of torch's optimizers, for the optimizer exercises. The private

@@ -28,6 +28,34 @@ WRONG = {
     # Adam with one step count for the whole optimizer instead of one per parameter.
     "adam_shared_step_count": _edit("adam", "state[\"step\"] += 1\n                t = state[\"step\"]",
                                     "state[\"step\"] += 1\n                self._t = getattr(self, \"_t\", 0) + 1\n                t = self._t"),
+    # The mistakes below pass a comparison with torch on fresh gradients and small eps; each submission makes two,
+    # in different exercises, and must lose the points of exactly those two tests.
+    # Momentum's buffer is the gradient tensor itself (no clone): zeroing gradients in place wipes the velocity.
+    # Adam's eps inside the square root: invisible while eps is far below sqrt(v).
+    "momentum_aliases_grad_and_adam_eps_in_root": {
+        **_edit("sgd_momentum", 'state["momentum_buffer"] = g.clone()', 'state["momentum_buffer"] = g'),
+        **_edit("adam", 'p.addcdiv_(m_hat, v_hat.sqrt().add_(group["eps"]), value=-group["lr"])',
+                'p.addcdiv_(m_hat, (v_hat + group["eps"]).sqrt(), value=-group["lr"])')},
+    # RMSprop's eps inside the root; AdamW's decay applied after the update (on the new weights).
+    "rmsprop_eps_in_root_and_adamw_decay_after_update": {
+        **_edit("rmsprop", 'p.addcdiv_(g, v.sqrt().add_(group["eps"]), value=-group["lr"])',
+                'p.addcdiv_(g, (v + group["eps"]).sqrt(), value=-group["lr"])'),
+        "adamw": edit_solution(SLUG, "adamw", '\n                p.mul_(1 - group["lr"] * group["weight_decay"])', "").replace(
+            'value=-group["lr"])', 'value=-group["lr"])\n                p.mul_(1 - group["lr"] * group["weight_decay"])')},
+    # RMSprop adds the weight decay into p.grad in place; Adam decays the weights directly (AdamW's rule in Adam).
+    "rmsprop_decay_into_grad_and_adam_decoupled": {
+        **_edit("rmsprop", 'g = g + group["weight_decay"] * p', 'g = g.add_(p, alpha=group["weight_decay"])'),
+        **_edit("adam", 'if group["weight_decay"] != 0:\n                    g = g + group["weight_decay"] * p',
+                'if group["weight_decay"] != 0:\n                    p.mul_(1 - group["lr"] * group["weight_decay"])')},
+    # Momentum without the `p.grad is None` skip; AdamW that hands the work to torch.optim.AdamW.
+    "momentum_no_none_check_and_adamw_delegates": {
+        **_edit("sgd_momentum", "if p.grad is None:\n                    continue\n                ", ""),
+        "adamw": ("class AdamW(torch.optim.Optimizer):\n"
+                  "    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):\n"
+                  "        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))\n"
+                  "        self.inner = torch.optim.AdamW(self.param_groups)\n\n"
+                  "    def step(self, closure=None):\n"
+                  "        return self.inner.step(closure)\n")},
     # A student's infinite loop: the cell is interrupted at the timeout, scores 0, grading goes on.
     "rmsprop_infinite_loop": {"rmsprop": solution_source(SLUG, "rmsprop").replace(
         "for group in self.param_groups:", "while True:\n            pass\n        for group in self.param_groups:", 1)},
@@ -58,6 +86,18 @@ def test_typical_mistake_loses_the_points_of_its_test(scores, variant, test_id):
     assert s[test_id] == 0, f"{variant} should fail {test_id}: {s}"
     others = [k for k in ("test_sgd_momentum", "test_rmsprop", "test_adam", "test_adamw") if k != test_id]
     assert all(s[k] > 0 for k in others), f"{variant} should lose only {test_id}'s points: {s}"
+
+
+@pytest.mark.parametrize("variant,lost", [
+    ("momentum_aliases_grad_and_adam_eps_in_root", {"test_sgd_momentum", "test_adam"}),
+    ("rmsprop_eps_in_root_and_adamw_decay_after_update", {"test_rmsprop", "test_adamw"}),
+    ("rmsprop_decay_into_grad_and_adam_decoupled", {"test_rmsprop", "test_adam"}),
+    ("momentum_no_none_check_and_adamw_delegates", {"test_sgd_momentum", "test_adamw"}),
+])
+def test_mistakes_the_torch_comparison_misses_lose_exactly_their_tests(scores, variant, lost):
+    s = scores[variant]
+    tests = ("test_sgd_momentum", "test_rmsprop", "test_adam", "test_adamw")
+    assert {k for k in tests if s[k] == 0} == lost, f"{variant} should lose exactly {sorted(lost)}: {s}"
 
 
 def test_feedback_is_generated_for_every_submission(scores):

@@ -46,3 +46,17 @@ def test_tripwires_fail_a_call_to_torchs_optimizer_and_are_removed_after():
                         beta1=0.9, beta2=0.999, lr=0.1, weight_decay=0.0, eps=1e-8, maximize=False, amsgrad=False)
     assert fired[:2] == ["torch.optim.Adam.step", "torch.optim.adam.adam"]
     assert torch.optim.Adam.step is original
+
+
+def test_tripwires_on_an_inherited_method_leave_the_subclass_as_it_was():
+    # torch.optim.AdamW inherits Adam.step; wiring both must not pin Adam's tripwire onto AdamW afterwards.
+    had_own = "step" in vars(torch.optim.AdamW)
+    before = torch.optim.AdamW.step
+    with tripwires("torch.optim.Adam.step", "torch.optim.AdamW.step"):
+        pass
+    assert ("step" in vars(torch.optim.AdamW)) == had_own
+    assert torch.optim.AdamW.step is before
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    torch.optim.AdamW([p], lr=0.1).step()  # no TripwireTriggered
+    assert p.detach().lt(1).all()

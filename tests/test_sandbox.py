@@ -48,13 +48,6 @@ def _bubblewrap():
         pytest.fail(f"bubblewrap is not installed. {INSTALL_HINT}")
 
 
-# Chapter 1's hidden tests that cannot be talked round (fasttrain/checks.py): comparisons with functions
-# captured before any student code, and classes that must not derive from torch's optimizers.
-_CH1_TESTS = "\n".join(solution_source(SLUG, t) for t in TESTS)
-CH1_HAS_INTEGRITY = "integrity." in _CH1_TESTS
-CH1_HAS_FROM_SCRATCH = "assert_written_from_scratch" in _CH1_TESTS
-
-
 def _steal(paths: str) -> str:
     """A solution cell that runs, instead of the student's own code, every solution cell of the first notebook found."""
     return f'''import json, pathlib
@@ -323,16 +316,10 @@ def test_vandalism_is_blocked_and_the_honest_work_keeps_its_marks(graded):
     assert graded["scores"]["mallory_vandal"]["total"] == 10
 
 
-@pytest.mark.xfail(not CH1_HAS_INTEGRITY, strict=True,
-                   reason="chapter 1's hidden tests do not yet compare with functions captured before the student's "
-                          "code (fasttrain.checks.Integrity): a replaced torch.allclose still passes test_adam")
 def test_a_replaced_allclose_does_not_pass_a_wrong_adam(graded):
     assert graded["scores"]["mallory_allclose"]["test_adam"] == 0
 
 
-@pytest.mark.xfail(not CH1_HAS_FROM_SCRATCH, strict=True,
-                   reason="chapter 1's hidden tests do not yet fail subclasses of torch's optimizers "
-                          "(fasttrain.checks.assert_written_from_scratch)")
 def test_subclassing_torchs_optimizers_gets_no_credit(graded):
     assert graded["scores"]["mallory_subclass"]["total"] == 0
 
