@@ -227,9 +227,10 @@ class RecipeResult:
     test_acc: float               # with the configured test-time augmentation
     test_acc_plain: float         # without it
     train_seconds: float          # training only (whitening init included; evaluation excluded)
-    epochs: float
+    epochs: float                 # epochs trained (in a budgeted run: what the budget allowed)
     history: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    resizes: list[dict] = field(default_factory=list)  # a budgeted run's re-plans: step, new length, s/step
 
 
 def _param_groups(model: nn.Module, cfg: RecipeConfig, lr: float, wd: float) -> list[dict]:
@@ -242,10 +243,29 @@ def _param_groups(model: nn.Module, cfg: RecipeConfig, lr: float, wd: float) -> 
             dict(params=others, lr=lr, weight_decay=wd / lr)]
 
 
+# A budgeted run times its steps after this many warm-up steps (the first ones pay for allocations and caches) ...
+RESIZE_WARMUP_STEPS = 3
+# ... over this many steps, and re-plans its length; it re-plans again after its first epoch (which includes the
+# per-epoch augmentation) when that epoch's pace differs from the plan by more than RESIZE_TOLERANCE.
+RESIZE_TIMED_STEPS = 8
+RESIZE_TOLERANCE = 0.03
+
+
 def train_recipe(cfg: RecipeConfig, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                  device: torch.device | str, seed: int = 0, eval_every: int = 0,
-                 on_epoch: Callable[[dict], None] | None = None) -> RecipeResult:
-    """Train the recipe on (x_train, y_train, x_test, y_test) uint8 NCHW images; evaluate every `eval_every` epochs."""
+                 on_epoch: Callable[[dict], None] | None = None,
+                 budget_seconds: float | None = None) -> RecipeResult:
+    """Train the recipe on (x_train, y_train, x_test, y_test) uint8 NCHW images; evaluate every `eval_every` epochs.
+
+    With `budget_seconds` the run is sized to that many seconds of training: `cfg.epochs` is only the first guess
+    (from a throughput probe, say). The run times its own steps after a warm-up and stretches or shortens its
+    one-cycle schedule to fill the budget (early, during the warm-up ramp, where a new length barely moves the
+    rate), and checks the plan once more against its first whole epoch. A one-cycle run is at its best only at
+    its end, so the schedule must end when the budget does; a probe that misjudged the pace cannot leave half
+    the budget unused (as a cold probe did: 625 images/s against 1,500 in the run).
+    """
+    if budget_seconds is not None and budget_seconds <= 0:
+        raise ValueError(f"budget_seconds must be positive, got {budget_seconds}")
     device = torch.device(device)
     x_tr, y_tr, x_te, y_te = data
     if x_tr.dtype != torch.uint8 or x_tr.ndim != 4 or x_tr.shape[1] != 3:
@@ -282,6 +302,19 @@ def train_recipe(cfg: RecipeConfig, data: tuple[torch.Tensor, torch.Tensor, torc
     if runtime.is_dry_run():  # a dry run takes a few steps: average from the first, so that path runs too
         ema_start, ema_every = 0, 1
 
+    ema_share = cfg.ema_start_epoch / cfg.epochs  # weight averaging starts at this share of the run
+    resizes: list[dict] = []
+
+    def replan(seconds_per_step: float, spent: float) -> None:
+        """Set the run's length so that the steps left fill what is left of the budget."""
+        nonlocal total_steps, ema_start, epochs
+        new_total = step + max(1, int((budget_seconds - spent) / seconds_per_step))
+        resizes.append({"at_step": step, "total_steps": new_total, "was": total_steps,
+                        "seconds_per_step": seconds_per_step})
+        total_steps = schedule.total_steps = new_total
+        ema_start = ema_share * total_steps
+        epochs = math.ceil(total_steps / steps_per_epoch)
+
     train_seconds, step, history, average = 0.0, 0, [], None
     synchronize(device)
     start = time.perf_counter()
@@ -290,10 +323,13 @@ def train_recipe(cfg: RecipeConfig, data: tuple[torch.Tensor, torch.Tensor, torc
     synchronize(device)
     train_seconds += time.perf_counter() - start
 
-    epochs = runtime.cut(math.ceil(cfg.epochs))
-    for epoch in range(epochs):
+    epochs = math.ceil(cfg.epochs)
+    budgeted = budget_seconds is not None and not runtime.is_dry_run()
+    epoch = 0
+    while epoch < runtime.cut(epochs):
         synchronize(device)
         start = time.perf_counter()
+        epoch_start_step = step
         model.train()
         model[0].bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
         x_epoch = epoch_images(train_x, flipped, epoch, cfg.translate, cfg.flip, gen)
@@ -304,6 +340,13 @@ def train_recipe(cfg: RecipeConfig, data: tuple[torch.Tensor, torch.Tensor, torc
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             _, loss = train_step(*runtime.cut_batch(x_epoch[idx], train_y[idx]))  # fp16 dry run on a CPU: a few samples
             step += 1
+            if budgeted and epoch == 0 and step in (RESIZE_WARMUP_STEPS, RESIZE_WARMUP_STEPS + RESIZE_TIMED_STEPS):
+                synchronize(device)
+                now = time.perf_counter()
+                if step == RESIZE_WARMUP_STEPS:
+                    timed_from = now
+                else:
+                    replan((now - timed_from) / RESIZE_TIMED_STEPS, train_seconds + now - start)
             if step >= ema_start and step % ema_every == 0:
                 if average is None:
                     average = WeightAverage(model)
@@ -314,20 +357,28 @@ def train_recipe(cfg: RecipeConfig, data: tuple[torch.Tensor, torch.Tensor, torc
             average.update(model, 1.0)
         synchronize(device)
         train_seconds += time.perf_counter() - start
+        if budgeted and epoch == 0 and step - epoch_start_step == steps_per_epoch:  # a whole first epoch
+            pace = (time.perf_counter() - start) / (step - epoch_start_step)  # a whole epoch, augmentation included
+            if not resizes or abs(pace / resizes[-1]["seconds_per_step"] - 1) > RESIZE_TOLERANCE:
+                replan(pace, train_seconds)
         record = {"epoch": epoch + 1, "train_seconds": train_seconds, "train_loss": loss.item() / len(idx)}
-        last = epoch == epochs - 1
+        last = epoch == runtime.cut(epochs) - 1 or step >= total_steps
         if eval_every and ((epoch + 1) % eval_every == 0) and not last:
             record["test_acc_plain"] = accuracy(predict(model, test_x, 0, mixed_precision=cfg.mixed_precision), test_y)
         history.append(record)
         if on_epoch is not None and not last:
             on_epoch(record)
+        epoch += 1
+        if last:
+            break
 
     plain = accuracy(predict(model, test_x, 0, mixed_precision=cfg.mixed_precision), test_y)
     with_tta = accuracy(predict(model, test_x, cfg.tta, mixed_precision=cfg.mixed_precision), test_y) if cfg.tta else plain
     history[-1].update(test_acc_plain=plain, test_acc=with_tta)
     if on_epoch is not None:
         on_epoch(history[-1])
-    return RecipeResult(model, with_tta, plain, train_seconds, cfg.epochs, history, asdict(cfg))
+    trained = step / steps_per_epoch if budgeted else cfg.epochs
+    return RecipeResult(model, with_tta, plain, train_seconds, trained, history, asdict(cfg), resizes)
 
 
 def cpu_recipe(**changes) -> RecipeConfig:

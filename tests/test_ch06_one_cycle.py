@@ -219,6 +219,37 @@ def test_recipe_runs_end_to_end_and_reports_its_timing():
         train_recipe(cfg, (x.float(), y, x, y), "cpu")
 
 
+
+def test_a_budgeted_recipe_run_replans_its_length_from_its_own_pace(monkeypatch):
+    """A probe that misjudged the pace (here: a first guess of 1 epoch against a budget worth many) is corrected
+    by the run itself: it times its steps after a warm-up and stretches the schedule to end with the budget."""
+    import fasttrain.recipes as recipes
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (576, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (576,), generator=gen)
+    clock = {"t": 0.0}
+    monkeypatch.setattr(recipes.time, "perf_counter", lambda: clock["t"])
+    real_step = recipes.TrainStep.__call__
+
+    def one_second_steps(self, *args, **kwargs):  # a deterministic pace: every step takes 1 s of "training"
+        clock["t"] += 1.0
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(recipes.TrainStep, "__call__", one_second_steps)
+    cfg = cpu_recipe(widths=(8, 8, 8), epochs=1.0, batch_size=64, ema_start_epoch=0.5, ema_every=1, tta=0)
+    result = train_recipe(cfg, (x[:512], y[:512], x[512:], y[512:]), "cpu", budget_seconds=20.0)
+    # 8 steps an epoch at 1 s each: a 20 s budget is 20 steps, not the 8 the first guess planned
+    assert result.resizes and result.resizes[0]["was"] == 8
+    assert result.resizes[0]["seconds_per_step"] == pytest.approx(1.0)
+    assert result.epochs * 8 == 20 and result.train_seconds == pytest.approx(20.0)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    # without a budget the same configuration trains its planned epoch
+    assert train_recipe(cfg, (x[:512], y[:512], x[512:], y[512:]), "cpu").resizes == []
+    with pytest.raises(ValueError, match="budget_seconds"):
+        train_recipe(cfg, (x[:512], y[:512], x[512:], y[512:]), "cpu", budget_seconds=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # The notebook's exercises agree with the library
 # ---------------------------------------------------------------------------------------------
