@@ -59,6 +59,9 @@ def main() -> None:
                         help="run these epoch counts instead of sizing runs from --budgets (CPU mode)")
     parser.add_argument("--widths", type=int, nargs=3, default=None, help="channel widths of the three conv groups")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--tta", type=int, default=2, choices=[0, 1, 2],
+                        help="test-time augmentation: 0 none, 1 mirror, 2 mirror and shifts (evaluation only, "
+                             "off the training clock; default 2, as the GPU recipe)")
     parser.add_argument("--gpu", action="store_true", help="run the GPU recipe for its 10 epochs instead of budgets")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per budget and seed")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -75,7 +78,7 @@ def main() -> None:
     if args.gpu:
         plans = [("GPU recipe, 10 epochs", GPU_RECIPE, None)]
     else:
-        base = cpu_recipe()
+        base = cpu_recipe(tta=args.tta)
         if args.widths:
             base = replace(base, widths=tuple(args.widths))
         if args.batch_size:
