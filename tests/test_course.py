@@ -100,3 +100,15 @@ def test_book_page_hides_solutions_and_hidden_tests_but_keeps_outputs(repo_root,
 def test_book_page_says_when_its_run_is_older_than_the_code(repo_root, tmp_path):
     page = book_page(_executed_copy(repo_root, tmp_path, {"source_hash": "0123"}), repo_root, tmp_path)
     assert "older than the chapter's current code" in page.cells[1].source
+
+
+def test_no_committed_run_is_older_than_its_chapters_code(repo_root):
+    """The book shows runs/ as the chapters' results: each must have run the code the chapter has now."""
+    stale = []
+    for path in sorted((repo_root / "runs").glob("*/*.ipynb")):
+        record = nbformat.read(str(path), as_version=4).metadata["fasttrain"]["record"]
+        source = nbformat.read(str(repo_root / "solutions" / path.stem / f"{path.stem}.ipynb"), as_version=4)
+        if record.get("source_hash") != code_hash(source):
+            stale.append(f"{path.relative_to(repo_root)} (run {record.get('date')})")
+    assert not stale, ("committed runs older than their chapter's code: " + ", ".join(stale) + ". Refresh each with "
+                       "`fasttrain run NN --profile <profile>` then `fasttrain publish NN --profile <profile>`")
