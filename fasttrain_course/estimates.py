@@ -62,10 +62,15 @@ def over_budget(costs: dict) -> list[str]:
 
 def main(root: Path, write: bool = False) -> int:
     costs = measured(root)
+    committed = {slug: v["full"] for slug, v in load_estimates().items() if "full" in v}
     source = "dry-run records"
     if not costs:
-        costs = {slug: v["full"] for slug, v in load_estimates().items() if "full" in v}
-        source = f"{ESTIMATES_JSON.name} (no dry-run records here)"
+        costs, source = committed, f"{ESTIMATES_JSON.name} (no dry-run records here)"
+    elif write and set(committed) - set(costs):
+        # A chapter with no dry-run record here keeps its committed entry, so one chapter can be refreshed alone.
+        kept = sorted(set(committed) - set(costs))
+        costs = {**{slug: committed[slug] for slug in kept}, **costs}
+        source += f" ({', '.join(kept)}: the committed {ESTIMATES_JSON.name}, no dry-run record of theirs here)"
     if not costs:
         print("No estimate yet: run `fasttrain run --profile full --dry-run` first.")
         return 1
