@@ -111,6 +111,7 @@ def grade_variants(slug: str, variants: dict[str, dict[str, str]], timeout: int 
                 for grade in sub.grades:
                     entry[grade.name] = grade.score
                 scores[name] = entry
+        _write_score_table(slug, course.name, scores)
         if feedback:
             _nbgrader(["generate_feedback", slug, "--force"], course, timeout)
             for name in students:
@@ -120,6 +121,18 @@ def grade_variants(slug: str, variants: dict[str, dict[str, str]], timeout: int 
     finally:
         if keep is None:
             shutil.rmtree(course, ignore_errors=True)
+
+
+def _write_score_table(slug: str, run: str, scores: dict) -> None:
+    """Keep what each student scored in _build/grading/ (one file a grading run), for the instructor and the notes."""
+    folder = ROOT / "_build" / "grading"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["student\ttotal\tmax\tlost"]
+    for name, entry in scores.items():
+        lost = [g for g, v in entry.items() if g not in ("total", "max", "feedback") and v is not None
+                and scores.get("solution", {}).get(g) is not None and v < scores["solution"][g]]
+        lines.append(f"{name}\t{entry['total']:g}\t{entry['max']:g}\t{','.join(lost)}")
+    (folder / f"{slug}-{run}.tsv").write_text("\n".join(lines) + "\n")
 
 
 # --- A course laid out like this repository, graded with the README's commands (tests/test_sandbox.py) ---
