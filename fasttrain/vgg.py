@@ -123,8 +123,12 @@ def run_key(name: str, lr: float, seed: int) -> str:
 
 def tune_and_repeat(train: Callable[[float, int], dict], rates: Sequence[float], seeds: Sequence[int],
                     score: str = "val_acc", name: str = "", store: RunStore | None = None,
-                    report: Callable[[str, dict], None] | None = None) -> dict:
+                    report: Callable[[str, dict], None] | None = None, extend: int = 0) -> dict:
     """Train at every rate with the first seed, keep the rate with the best `score`, then train the other seeds at it.
+
+    With `extend`, a best rate at either end of the grid (and not next to a diverged one) makes the sweep go one
+    step further that way (the grid's own ratio), up to `extend` extra rates, so that the chosen rate ends inside
+    the grid where the budget allows.
 
     `train(lr, seed)` returns a dict of numbers (higher `score` is better; score it on held-out
     training images, never on the test set). A rate whose loss becomes inf or NaN loses the sweep.
@@ -156,21 +160,34 @@ def tune_and_repeat(train: Callable[[float, int], dict], rates: Sequence[float],
         meters = runtime.current_run().meters
         first_meter = len(meters)
         result = one(rates[0], seeds[0])
-        planned = len(rates) + len(seeds) - 1
+        planned = len(rates) + extend + len(seeds) - 1  # counts the extensions the sweep may need
         for m in meters[first_meter:]:
             m.planned_steps *= planned
             m.planned_samples = None if m.planned_samples is None else m.planned_samples * planned
         return {"rates": {lr: result.get(score) for lr in rates[:1]}, "lr": rates[0], "at_edge": False,
                 "runs": [{**result, "seed": s} for s in seeds]}
+    rates = sorted(rates)
     first = {lr: one(lr, seeds[0]) for lr in rates}
     scores = {lr: (-math.inf if r.get("diverged") else float(r[score])) for lr, r in first.items()}
     best = max(rates, key=lambda lr: scores[lr])
+    for _ in range(extend if len(rates) > 1 else 0):
+        if best == rates[-1] and scores[best] > -math.inf:
+            new_lr = rates[-1] * rates[-1] / rates[-2]
+        elif best == rates[0] and scores[best] > -math.inf:
+            new_lr = rates[0] * rates[0] / rates[1]
+        else:
+            break
+        new_lr = float(f"{new_lr:.6g}")
+        first[new_lr] = one(new_lr, seeds[0])
+        scores[new_lr] = -math.inf if first[new_lr].get("diverged") else float(first[new_lr][score])
+        rates = sorted(rates + [new_lr])
+        best = max(rates, key=lambda lr: scores[lr])
     if scores[best] == -math.inf:
         raise NonFiniteLossError(f"{name or 'this setting'}: the loss became inf or NaN at every rate tried "
                                  f"({', '.join(f'{lr:g}' for lr in rates)}); try smaller rates")
     runs = [first[best]] + [one(best, s) for s in seeds[1:]]
     finite = [lr for lr in rates if scores[lr] > -math.inf]  # next to a diverged rate is the edge of what trains
-    return {"rates": {lr: (None if s == -math.inf else s) for lr, s in scores.items()}, "lr": best,
+    return {"rates": {lr: (None if scores[lr] == -math.inf else scores[lr]) for lr in rates}, "lr": best,
             "at_edge": len(rates) > 1 and best in (min(finite), max(finite)), "runs": runs}
 
 

@@ -259,6 +259,19 @@ def test_tune_and_repeat_scores_a_diverged_rate_as_the_worst_and_flags_a_rate_at
         tune_and_repeat(train, [1e-3], [0])
 
 
+def test_tune_and_repeat_extends_the_grid_past_a_best_rate_at_its_edge():
+    train, calls = _scripted({1e-3: 0.4, 2e-3: 0.5, 4e-3: 0.6, 8e-3: 0.7, 1.6e-2: 0.65})
+    out = tune_and_repeat(train, [1e-3, 2e-3, 4e-3], [0, 1], extend=2)
+    assert calls == [(1e-3, 0), (2e-3, 0), (4e-3, 0), (8e-3, 0), (1.6e-2, 0), (8e-3, 1)]
+    assert out["lr"] == 8e-3 and not out["at_edge"] and list(out["rates"]) == [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]
+    train, calls = _scripted({5e-4: 0.7, 1e-3: 0.6, 2e-3: 0.5, 4e-3: 0.4})
+    out = tune_and_repeat(train, [1e-3, 2e-3, 4e-3], [0], extend=1)  # downwards too; one step only
+    assert out["lr"] == 5e-4 and out["at_edge"] and calls[-1] == (5e-4, 0)
+    train, calls = _scripted({1e-3: 0.4, 3e-3: 0.5, 1e-2: 0.9}, diverge=(1e-2,))
+    out = tune_and_repeat(train, [1e-3, 3e-3, 1e-2], [0], extend=2)  # next to a diverged rate: no extension
+    assert len(calls) == 3 and out["lr"] == 3e-3 and out["at_edge"]
+
+
 def test_tune_and_repeat_resumes_from_its_store_without_training_again(tmp_path):
     train, calls = _scripted({1e-3: 0.4, 3e-3: 0.6})
     first = tune_and_repeat(train, [1e-3, 3e-3], [0, 1], name="a", store=RunStore(tmp_path / "s.json"))
