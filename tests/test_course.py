@@ -112,3 +112,22 @@ def test_no_committed_run_is_older_than_its_chapters_code(repo_root):
             stale.append(f"{path.relative_to(repo_root)} (run {record.get('date')})")
     assert not stale, ("committed runs older than their chapter's code: " + ", ".join(stale) + ". Refresh each with "
                        "`fasttrain run NN --profile <profile>` then `fasttrain publish NN --profile <profile>`")
+
+
+def test_every_committed_run_was_judged_by_the_targets_the_table_has_now(repo_root):
+    """A run's record keeps the target and its meaning; the book shows them beside the run's numbers."""
+    from fasttrain.results import load_targets
+    table = {(t.chapter, t.metric, t.profile): t for t in load_targets(repo_root / "fasttrain" / "targets.csv")}
+    differ = []
+    for path in sorted((repo_root / "runs").glob("*/*.ipynb")):
+        record = nbformat.read(str(path), as_version=4).metadata["fasttrain"]["record"]
+        for m in record["metrics"]:
+            t = table.get((record["chapter"], m["metric"], record["profile"]))
+            if t is None:
+                continue  # a metric the chapter reports without a target
+            if (m.get("target"), m.get("direction"), m.get("meaning")) != (t.target, t.direction, t.meaning):
+                differ.append(f"{path.relative_to(repo_root)}: {m['metric']} ran against "
+                              f"{m.get('direction')} {m.get('target')} ({m.get('meaning')!r}), the table now says "
+                              f"{t.direction} {t.target} ({t.meaning!r})")
+    assert not differ, ("committed runs judged by other targets than the table's: " + "; ".join(differ)
+                        + ". Run the chapter again and publish it")
