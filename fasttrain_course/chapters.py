@@ -13,6 +13,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +27,15 @@ from fasttrain.runtime import RECORD_OUT_ENV, SOURCE_HASH_ENV, source_hash
 from .paths import course_root, source_notebook
 
 WIDGET_MIMES = ("application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json")
+# Warnings about the machine a run happened on, not about the chapter: where its data cache lives and that it was
+# rebuilt. They name the machine's paths, and the book would show them to every reader.
+MACHINE_WARNINGS = ("CacheStaleWarning",)
+# A warning as Python prints it: "file:line: Category: message" and, indented, the line of source that raised it.
+_WARNING_BLOCK = re.compile(r"^\S[^\n]*:\d+: (\w+): [^\n]*\n(?:[ \t]+[^\n]*\n?)?", re.MULTILINE)
+
+
+def _without_machine_warnings(text: str) -> str:
+    return _WARNING_BLOCK.sub(lambda m: "" if m.group(1) in MACHINE_WARNINGS else m.group(0), text)
 
 
 class ChapterRunFailed(RuntimeError):
@@ -150,7 +160,8 @@ def run_chapter(slug: str, profile: str = "smoke", root: Path | None = None, out
 
 
 def strip_for_publishing(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """An executed notebook as the book keeps it: outputs, without widget state or widget views."""
+    """An executed notebook as the book keeps it: outputs, without widget state or widget views, and without
+    the warnings that only describe the machine it ran on (MACHINE_WARNINGS)."""
     nb = nbformat.from_dict(nb)
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
@@ -158,6 +169,10 @@ def strip_for_publishing(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
             continue
         kept = []
         for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                out["text"] = _without_machine_warnings(out["text"])
+                if not out["text"].strip():
+                    continue
             data = out.get("data", {})
             if any(m in data for m in WIDGET_MIMES):
                 data = {k: v for k, v in data.items() if k not in WIDGET_MIMES and k != "text/plain"}

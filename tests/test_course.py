@@ -131,3 +131,23 @@ def test_every_committed_run_was_judged_by_the_targets_the_table_has_now(repo_ro
                               f"{t.direction} {t.target} ({t.meaning!r})")
     assert not differ, ("committed runs judged by other targets than the table's: " + "; ".join(differ)
                         + ". Run the chapter again and publish it")
+
+
+def test_publishing_drops_the_warnings_about_the_machine_and_keeps_the_chapters_own(repo_root):
+    """A run's data cache lives on its machine: its rebuild warning names the machine's paths, and the book
+    would show them; any other warning is the chapter's and stays."""
+    from fasttrain_course.chapters import strip_for_publishing
+    nb = nbformat.v4.new_notebook()
+    stale = ("/tmp/ipykernel_1/2.py:57: CacheStaleWarning: The CIFAR-10 cache /tmp/c/train.pt was built from "
+             "/work/shared/data/train.npz, which has changed since. Rebuilding it.\n  x, y = load_cifar10('train')\n")
+    own = "/tmp/ipykernel_1/2.py:9: UserWarning: the learning rate is at the grid's edge\n  tune(rates)\n"
+    nb.cells = [nbformat.v4.new_code_cell("x", outputs=[
+        nbformat.v4.new_output("stream", name="stderr", text=stale),
+        nbformat.v4.new_output("stream", name="stderr", text=stale + own),
+        nbformat.v4.new_output("stream", name="stdout", text="epoch 1 CacheStaleWarning: a word in the output\n")])]
+    outputs = strip_for_publishing(nb).cells[0].outputs
+    assert [o.text for o in outputs] == [own, "epoch 1 CacheStaleWarning: a word in the output\n"]
+    for path in sorted((repo_root / "runs").glob("*/*.ipynb")):
+        for cell in nbformat.read(str(path), as_version=4).cells:
+            for out in cell.get("outputs", []):
+                assert "CacheStaleWarning" not in out.get("text", ""), f"{path}: publish it again"
