@@ -59,6 +59,18 @@ RECORD_OUT_ENV = "FASTTRAIN_RECORD_OUT"
 _current: "Run | None" = None
 
 
+class RunRecord(dict):
+    """The record `Run.finish` returns: a dict, which a notebook shows as one line, since the table that `finish`
+    printed above it is the readable view (the whole record, range-test curves and all, ran to pages)."""
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        metrics = self.get("metrics", [])
+        judged = [m for m in metrics if m.get("target") is not None]
+        printer.text(f"<results record of {self.get('chapter')} ({self.get('profile')}): {self.get('status')}, "
+                     f"{sum(bool(m.get('passed')) for m in judged)} of {len(judged)} targets reached, "
+                     f"{len(metrics)} metrics; a dict>")
+
+
 class ProfileRefused(RuntimeError):
     """A full profile was asked for on a CPU, where it would run for hours."""
 
@@ -306,7 +318,7 @@ class Run:
         return cache_dir() / "checkpoints" / self.chapter / tag
 
     # --- the end ----------------------------------------------------------------------------
-    def finish(self) -> dict | None:
+    def finish(self) -> "RunRecord | None":
         """Check the targets, write the results record, print the results; raise if a target was missed."""
         global _current
         if self.grading:
@@ -327,7 +339,7 @@ class Run:
         if main and record["passed"] is not False:
             _remove_tree(self.checkpoint_dir)
         results.check_targets(record)
-        return record
+        return RunRecord(record)
 
     @property
     def wall_seconds(self) -> float:

@@ -160,15 +160,19 @@ def run_chapter(slug: str, profile: str = "smoke", root: Path | None = None, out
 
 
 def strip_for_publishing(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """An executed notebook as the book keeps it: outputs, without widget state or widget views, and without
-    the warnings that only describe the machine it ran on (MACHINE_WARNINGS)."""
+    """An executed notebook as the book keeps it: outputs, without widget state or widget views, without
+    the warnings that only describe the machine it ran on (MACHINE_WARNINGS), and without the repr of the record
+    that the last cell's `run.finish()` returns (its printed results table stays)."""
     nb = nbformat.from_dict(nb)
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         kept = []
+        ends_the_run = cell.source.strip().endswith("run.finish()")
         for out in cell.get("outputs", []):
+            if ends_the_run and out.get("output_type") == "execute_result":
+                continue  # the record's repr: the results table printed above it shows the record
             if out.get("output_type") == "stream" and out.get("name") == "stderr":
                 out["text"] = _without_machine_warnings(out["text"])
                 if not out["text"].strip():

@@ -151,3 +151,27 @@ def test_publishing_drops_the_warnings_about_the_machine_and_keeps_the_chapters_
         for cell in nbformat.read(str(path), as_version=4).cells:
             for out in cell.get("outputs", []):
                 assert "CacheStaleWarning" not in out.get("text", ""), f"{path}: publish it again"
+
+
+def test_the_book_shows_a_runs_results_table_not_the_repr_of_its_record(repo_root):
+    """The last cell returns the record; its repr (chapter 5's held every range-test loss) ran to pages."""
+    from fasttrain.runtime import RunRecord
+    from fasttrain_course.chapters import strip_for_publishing
+    record = RunRecord(chapter="05_lr_finder", profile="cpu", status="passed",
+                       metrics=[{"metric": "a", "target": 1.0, "passed": True}, {"metric": "b", "target": None}])
+    from IPython.lib.pretty import pretty
+    assert pretty(record) == "<results record of 05_lr_finder (cpu): passed, 1 of 1 targets reached, 2 metrics; a dict>"
+    assert record == dict(record) and isinstance(record, dict)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("run.log('x', 1)\nrun.finish()", outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text="Results of 05_lr_finder ...\n"),
+        nbformat.v4.new_output("execute_result", data={"text/plain": "{'chapter': '05_lr_finder', ...}"},
+                               execution_count=1)]),
+                nbformat.v4.new_code_cell("1 + 1", outputs=[
+        nbformat.v4.new_output("execute_result", data={"text/plain": "2"}, execution_count=2)])]
+    cells = strip_for_publishing(nb).cells
+    assert [o.output_type for o in cells[0].outputs] == ["stream"]
+    assert [o.output_type for o in cells[1].outputs] == ["execute_result"]
+    for path in sorted((repo_root / "runs").glob("*/*.ipynb")):
+        last = [c for c in nbformat.read(str(path), as_version=4).cells if c.cell_type == "code"][-1]
+        assert not [o for o in last.outputs if o.output_type == "execute_result"], f"{path}: publish it again"
