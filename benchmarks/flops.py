@@ -18,7 +18,8 @@ from torchvision.models import resnet34, vgg19
 
 from common import base_parser, setup
 from fasttrain.device import Timer, autocast_dtype
-from fasttrain.resnet import count_parameters, resnet9
+from fasttrain.costs import count_parameters
+from fasttrain.resnet import resnet9
 from fasttrain.speed import format_table, random_batches, training_throughput
 
 

@@ -22,7 +22,8 @@ from torchvision import transforms
 from common import base_parser, load_train_on_device, setup
 from fasttrain.batches import cifar10_loaders
 from fasttrain.datasets import CIFAR10_MEAN, CIFAR10_STD
-from fasttrain.resnet import count_parameters, resnet9
+from fasttrain.costs import count_parameters
+from fasttrain.resnet import resnet9
 from fasttrain.speed import format_table, training_throughput
 
 

@@ -19,7 +19,8 @@ import torch
 from common import base_parser, load_line, setup
 from fasttrain.batches import cifar10_loaders
 from fasttrain.device import synchronize
-from fasttrain.resnet import RECIPE, count_parameters, recipe_learner, resnet9
+from fasttrain.costs import count_parameters
+from fasttrain.resnet import RECIPE, recipe_learner, resnet9
 from fasttrain.speed import format_table
 from fasttrain.train import CancelFit, Callback, evaluate
 
@@ -48,7 +49,7 @@ class EvaluateAndBudget(Callback):
         synchronize(lrn.device)
         now = time.perf_counter()
         self.train_seconds += now - self.train_start
-        acc = evaluate(lrn.model, self.test_data, mixed_precision=lrn.mixed_precision)["acc"]
+        acc = evaluate(lrn.model, self.test_data, mixed_precision=lrn.step.dtype is not None)["acc"]
         wall = time.perf_counter() - self.start
         self.points.append({"step": lrn.n_steps, "epoch": lrn.n_steps / len(lrn.train_data),
                             "train_s": self.train_seconds, "wall_s": wall, "test_acc": acc,
