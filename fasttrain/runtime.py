@@ -324,7 +324,7 @@ class Run:
         if self.grading:
             print("Graded run: no results record is written.")
             return None
-        record = results.build_record(self)
+        record = RunRecord(results.build_record(self))
         self.record = record
         main = distributed.is_main()  # under torch.distributed only rank 0 writes and prints
         if main:
@@ -339,7 +339,7 @@ class Run:
         if main and record["passed"] is not False:
             _remove_tree(self.checkpoint_dir)
         results.check_targets(record)
-        return RunRecord(record)
+        return record
 
     @property
     def wall_seconds(self) -> float:
