@@ -25,7 +25,8 @@ import torch
 
 from fasttrain.datasets import load_cifar10
 from fasttrain.device import device_name, get_device
-from fasttrain.recipes import GPU_RECIPE, cpu_recipe, train_recipe
+from fasttrain.device import has_amx_bf16
+from fasttrain.recipes import GPU_RECIPE, cpu_budget_recipe, train_recipe
 
 THRESHOLDS = (0.80, 0.85, 0.90)
 
@@ -59,6 +60,8 @@ def main() -> None:
                         help="run these epoch counts instead of sizing runs from --budgets (CPU mode)")
     parser.add_argument("--widths", type=int, nargs=3, default=None, help="channel widths of the three conv groups")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--fp32", action="store_true",
+                        help="train in fp32 even on a CPU with AMX (by default the recipe autocasts to bf16 there)")
     parser.add_argument("--tta", type=int, default=2, choices=[0, 1, 2],
                         help="test-time augmentation: 0 none, 1 mirror, 2 mirror and shifts (evaluation only, "
                              "off the training clock; default 2, as the GPU recipe)")
@@ -78,21 +81,30 @@ def main() -> None:
     if args.gpu:
         plans = [("GPU recipe, 10 epochs", GPU_RECIPE, None)]
     else:
-        base = cpu_recipe(tta=args.tta)
-        if args.widths:
-            base = replace(base, widths=tuple(args.widths))
-        if args.batch_size:
-            base = replace(base, batch_size=args.batch_size)
+        def base(budget):
+            cfg = cpu_budget_recipe(budget, tta=args.tta)
+            if args.fp32:
+                cfg = replace(cfg, mixed_precision=False, cpu_bf16=False)
+            if args.widths:
+                cfg = replace(cfg, widths=tuple(args.widths))
+            if args.batch_size:
+                cfg = replace(cfg, batch_size=args.batch_size)
+            return cfg
+
+        print(f"AMX bf16 on this CPU: {has_amx_bf16()}; dtype: "
+              f"{'fp32' if args.fp32 or device.type != 'cpu' or not has_amx_bf16() else 'bf16 autocast'}")
         if args.epochs:
-            plans = [(f"{e:g} epochs", replace(base, epochs=e, ema_start_epoch=0.3 * e), None) for e in args.epochs]
+            plans = [(f"{e:g} epochs", replace(base(max(args.budgets)), epochs=e, ema_start_epoch=0.3 * e), None)
+                     for e in args.epochs]
         else:
-            rate = images_per_second(base, data, device)
-            print(f"throughput probe (after a warm-up run): {rate:.0f} training images/s with widths {base.widths}, "
-                  f"batch {base.batch_size}")
             plans = []
             for budget in args.budgets:
+                cfg = base(budget)
+                rate = images_per_second(cfg, data, device)
+                print(f"throughput probe (after a warm-up run): {rate:.0f} training images/s with widths {cfg.widths}, "
+                      f"batch {cfg.batch_size}", flush=True)
                 e = round(budget * rate / len(x_tr), 3)
-                plans.append((f"{budget:g} s budget", replace(base, epochs=e, ema_start_epoch=0.3 * e), budget))
+                plans.append((f"{budget:g} s budget", replace(cfg, epochs=e, ema_start_epoch=0.3 * e), budget))
     for label, cfg, budget in plans:
         for seed in args.seeds:
             start = time.perf_counter()

@@ -71,6 +71,7 @@ class RecipeConfig:
     tta: int = 2                    # 0: none, 1: mirror, 2: mirror and one-pixel shifts
     n_train: int | None = None      # train on the first n images (None: all 50,000)
     mixed_precision: bool = True    # bf16/fp16 autocast where the device has it
+    cpu_bf16: bool = False          # with mixed_precision: bf16 on a CPU with AMX too (fasttrain.device.has_amx_bf16)
     channels_last: bool = False
 
 
@@ -180,7 +181,7 @@ class WeightAverage:
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, tta: int = 0, batch_size: int = 2000,
-            mixed_precision: bool = True) -> torch.Tensor:
+            mixed_precision: bool = True, cpu_autocast: bool = False) -> torch.Tensor:
     """Logits for normalised images; tta=1 averages with the mirror image, tta=2 also with 1-pixel shifts."""
     if tta not in (0, 1, 2):
         raise ValueError(f"tta must be 0 (none), 1 (mirror) or 2 (mirror and shifts), got {tta}")
@@ -197,7 +198,7 @@ def predict(model: nn.Module, images: torch.Tensor, tta: int = 0, batch_size: in
         batch_size = min(batch_size, runtime.dry_batch_samples() or 64)
         images = images[:runtime.cut(len(images), runtime.DRY_STEPS * batch_size)]
     for x in images.split(batch_size):
-        with meter.measure(batch=len(x)), autocast(device, enabled=mixed_precision):
+        with meter.measure(batch=len(x)), autocast(device, enabled=mixed_precision, cpu=cpu_autocast):
             logits = mirror(x).float()
             if tta == 2:
                 padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
@@ -245,10 +246,10 @@ def _param_groups(model: nn.Module, cfg: RecipeConfig, lr: float, wd: float) -> 
 
 # A budgeted run times its steps after this many warm-up steps (the first ones pay for allocations and caches) ...
 RESIZE_WARMUP_STEPS = 3
-# ... over this many steps, and re-plans its length; it re-plans again after its first epoch (which includes the
-# per-epoch augmentation) when that epoch's pace differs from the plan by more than RESIZE_TOLERANCE.
+# ... over this many steps, and re-plans its length; it re-plans again after every whole epoch (which includes the
+# per-epoch augmentation) whose pace differs from the last plan's by more than RESIZE_TOLERANCE.
 RESIZE_TIMED_STEPS = 8
-RESIZE_TOLERANCE = 0.03
+RESIZE_TOLERANCE = 0.01  # 3% let 600-s runs end 80 s early (steps got faster after the first epoch)
 
 
 def train_recipe(cfg: RecipeConfig, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
@@ -260,7 +261,7 @@ def train_recipe(cfg: RecipeConfig, data: tuple[torch.Tensor, torch.Tensor, torc
     With `budget_seconds` the run is sized to that many seconds of training: `cfg.epochs` is only the first guess
     (from a throughput probe, say). The run times its own steps after a warm-up and stretches or shortens its
     one-cycle schedule to fill the budget (early, during the warm-up ramp, where a new length barely moves the
-    rate), and checks the plan once more against its first whole epoch. A one-cycle run is at its best only at
+    rate), and checks the plan again against each whole epoch's pace. A one-cycle run is at its best only at
     its end, so the schedule must end when the budget does; a probe that misjudged the pace cannot leave half
     the budget unused (as a cold probe did: 625 images/s against 1,500 in the run).
     """
@@ -296,7 +297,8 @@ def train_recipe(cfg: RecipeConfig, data: tuple[torch.Tensor, torch.Tensor, torc
                         final_div_factor=cfg.start_frac / cfg.end_frac)
     smoothed_sum = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
     train_step = TrainStep(model, optimizer, lambda logits, y: smoothed_sum(logits.float(), y),
-                           mixed_precision=cfg.mixed_precision, scheduler=schedule, device=device, name="recipe")
+                           mixed_precision=cfg.mixed_precision, scheduler=schedule, device=device, name="recipe",
+                           cpu_autocast=cfg.cpu_bf16)
     train_step.meter.plan(total_steps, total_steps * cfg.batch_size)
     ema_start, ema_every = cfg.ema_start_epoch * steps_per_epoch, cfg.ema_every
     if runtime.is_dry_run():  # a dry run takes a few steps: average from the first, so that path runs too
@@ -357,14 +359,15 @@ def train_recipe(cfg: RecipeConfig, data: tuple[torch.Tensor, torch.Tensor, torc
             average.update(model, 1.0)
         synchronize(device)
         train_seconds += time.perf_counter() - start
-        if budgeted and epoch == 0 and step - epoch_start_step == steps_per_epoch:  # a whole first epoch
-            pace = (time.perf_counter() - start) / (step - epoch_start_step)  # a whole epoch, augmentation included
-            if not resizes or abs(pace / resizes[-1]["seconds_per_step"] - 1) > RESIZE_TOLERANCE:
+        if budgeted and step - epoch_start_step == steps_per_epoch:  # a whole epoch, augmentation included
+            pace = (time.perf_counter() - start) / (step - epoch_start_step)
+            off_plan = not resizes or abs(pace / resizes[-1]["seconds_per_step"] - 1) > RESIZE_TOLERANCE
+            if off_plan and budget_seconds - train_seconds >= pace:  # and at least one more step fits the budget
                 replan(pace, train_seconds)
         record = {"epoch": epoch + 1, "train_seconds": train_seconds, "train_loss": loss.item() / len(idx)}
         last = epoch == runtime.cut(epochs) - 1 or step >= total_steps
         if eval_every and ((epoch + 1) % eval_every == 0) and not last:
-            record["test_acc_plain"] = accuracy(predict(model, test_x, 0, mixed_precision=cfg.mixed_precision), test_y)
+            record["test_acc_plain"] = accuracy(predict(model, test_x, 0, mixed_precision=cfg.mixed_precision, cpu_autocast=cfg.cpu_bf16), test_y)
         history.append(record)
         if on_epoch is not None and not last:
             on_epoch(record)
@@ -372,8 +375,8 @@ def train_recipe(cfg: RecipeConfig, data: tuple[torch.Tensor, torch.Tensor, torc
         if last:
             break
 
-    plain = accuracy(predict(model, test_x, 0, mixed_precision=cfg.mixed_precision), test_y)
-    with_tta = accuracy(predict(model, test_x, cfg.tta, mixed_precision=cfg.mixed_precision), test_y) if cfg.tta else plain
+    plain = accuracy(predict(model, test_x, 0, mixed_precision=cfg.mixed_precision, cpu_autocast=cfg.cpu_bf16), test_y)
+    with_tta = accuracy(predict(model, test_x, cfg.tta, mixed_precision=cfg.mixed_precision, cpu_autocast=cfg.cpu_bf16), test_y) if cfg.tta else plain
     history[-1].update(test_acc_plain=plain, test_acc=with_tta)
     if on_epoch is not None:
         on_epoch(history[-1])
@@ -385,4 +388,22 @@ def cpu_recipe(**changes) -> RecipeConfig:
     """The recipe scaled for a small CPU: narrower, fewer epochs (override any field by keyword)."""
     base = RecipeConfig(epochs=2.0, batch_size=256, widths=(32, 64, 128), ema_start_epoch=0.6,
                         whiten_bias_epochs=1.0, tta=1, mixed_precision=False, channels_last=True)
+    return replace(base, **changes)
+
+
+def cpu_budget_recipe(budget_seconds: float, **changes) -> RecipeConfig:
+    """The recipe sized for `budget_seconds` of training on a CPU: bf16 where the CPU has AMX, width by budget.
+
+    Measured on a 2-core AMX Xeon, two threads, one seed each, 3 December 2026 (benchmarks/README.md has the
+    3-seed table): at 120 s, widths 64/128/256 (3.5 epochs) reached 0.867 with TTA against 0.863 for 32/64/128
+    (7.2 epochs); at 600 s, 64/256/256 with batch 512 (12.8 epochs) reached 0.912. `epochs` is only the first
+    guess: a budgeted `train_recipe` run re-plans its length from its own pace.
+    """
+    if budget_seconds <= 0:
+        raise ValueError(f"budget_seconds must be positive, got {budget_seconds}")
+    if budget_seconds < 300:
+        base = cpu_recipe(widths=(64, 128, 256), batch_size=256, whiten_bias_epochs=1.0)
+    else:
+        base = cpu_recipe(widths=(64, 256, 256), batch_size=512, whiten_bias_epochs=3.0)
+    base = replace(base, mixed_precision=True, cpu_bf16=True, tta=2)
     return replace(base, **changes)

@@ -38,7 +38,8 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable = F.cross_entropy,
                  mixed_precision: bool = False, clip_norm: float | None = None, clip_value: float | None = None,
-                 scheduler=None, device: torch.device | str | None = None, name: str = "training"):
+                 scheduler=None, device: torch.device | str | None = None, name: str = "training",
+                 cpu_autocast: bool = False):
         if clip_norm is not None and clip_value is not None:
             raise ValueError("give at most one of clip_norm (clip the gradients' total norm) and clip_value (clip each entry)")
         self.model, self.optimizer, self.loss_fn, self.scheduler = model, optimizer, loss_fn, scheduler
@@ -47,7 +48,8 @@ class TrainStep:
             first = next(model.parameters(), None)
             device = first.device if first is not None else "cpu"
         self.device = torch.device(device)
-        self.dtype = autocast_dtype(self.device) if mixed_precision else None
+        # cpu_autocast: bf16 on a CPU with AMX too (`fasttrain.device.autocast_dtype`); the chapters keep fp32 there.
+        self.dtype = autocast_dtype(self.device, cpu=cpu_autocast) if mixed_precision else None
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.steps = 0           # optimizer steps taken
         self.epoch: int | None = None

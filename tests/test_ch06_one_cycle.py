@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from chapters import execute_chapter
 from grading import edit_solution, grade_variants, solution_namespace
 
-from fasttrain.recipes import WeightAverage, cpu_recipe, init_whitening, make_net, predict, train_recipe
+from fasttrain.recipes import (WeightAverage, cpu_budget_recipe, cpu_recipe, init_whitening, make_net, predict,
+                               train_recipe)
 from fasttrain.schedules import RADAM_THRESHOLD, LinearWarmup, OneCycle, one_cycle, radam_rectification, radam_rho
 from fasttrain.sharpness import power_iteration, top_hessian_eigenvalue
 
@@ -248,6 +249,50 @@ def test_a_budgeted_recipe_run_replans_its_length_from_its_own_pace(monkeypatch)
     assert train_recipe(cfg, (x[:512], y[:512], x[512:], y[512:]), "cpu").resizes == []
     with pytest.raises(ValueError, match="budget_seconds"):
         train_recipe(cfg, (x[:512], y[:512], x[512:], y[512:]), "cpu", budget_seconds=0)
+
+
+def test_the_cpu_budget_recipe_widens_with_the_budget_and_trains_in_bf16_where_the_cpu_has_amx():
+    import fasttrain.device as device_module
+
+    short, long = cpu_budget_recipe(120), cpu_budget_recipe(600)
+    assert short.cpu_bf16 and short.mixed_precision and long.cpu_bf16
+    assert sum(short.widths) < sum(long.widths)
+    with pytest.raises(ValueError, match="budget_seconds"):
+        cpu_budget_recipe(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (300,), generator=gen)
+    cfg = cpu_budget_recipe(120, widths=(8, 8, 8), epochs=1.0, batch_size=64, ema_start_epoch=0.5, ema_every=1)
+    result = train_recipe(cfg, (x[:256], y[:256], x[256:], y[256:]), "cpu")
+    assert 0.0 <= result.test_acc <= 1.0 and math.isfinite(result.history[-1]["train_loss"])
+    with device_module.autocast("cpu", cpu=cfg.cpu_bf16):
+        out = result.model(x[:2].float() / 255)
+    assert out.dtype == (torch.bfloat16 if device_module.has_amx_bf16() else torch.float32)
+
+
+def test_a_budgeted_run_replans_whenever_an_epochs_pace_changes_and_still_ends_with_its_budget(monkeypatch):
+    """Steps that get faster after the first epoch (caches warm, the machine quietens) must not leave the end of
+    the budget unused: the 600-s runs that re-planned only after their first epoch trained for 456 to 530 s."""
+    import fasttrain.recipes as recipes
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (576, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (576,), generator=gen)
+    clock = {"t": 0.0}
+    monkeypatch.setattr(recipes.time, "perf_counter", lambda: clock["t"])
+    real_step = recipes.TrainStep.__call__
+
+    def faster_after_the_first_epoch(self, *args, **kwargs):  # 1 s a step for 8 steps (one epoch), then 0.5 s
+        clock["t"] += 1.0 if self.steps < 8 else 0.5
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(recipes.TrainStep, "__call__", faster_after_the_first_epoch)
+    cfg = cpu_recipe(widths=(8, 8, 8), epochs=1.0, batch_size=64, ema_start_epoch=0.5, ema_every=1, tta=0)
+    result = train_recipe(cfg, (x[:512], y[:512], x[512:], y[512:]), "cpu", budget_seconds=20.0)
+    # after epoch 1 (8 s spent, 1 s a step): 20 steps; after epoch 2 (12 s spent, 0.5 s a step): 16 steps more
+    assert [(r["at_step"], r["total_steps"]) for r in result.resizes] == [(8, 20), (16, 32)]
+    assert result.train_seconds == pytest.approx(20.0) and result.epochs * 8 == 32
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
 
 
 # ---------------------------------------------------------------------------------------------
