@@ -221,9 +221,8 @@ def test_recipe_runs_end_to_end_and_reports_its_timing():
 
 
 
-def test_a_budgeted_recipe_run_replans_its_length_from_its_own_pace(monkeypatch):
-    """A probe that misjudged the pace (here: a first guess of 1 epoch against a budget worth many) is corrected
-    by the run itself: it times its steps after a warm-up and stretches the schedule to end with the budget."""
+def _budgeted_run_on_a_fake_clock(monkeypatch, seconds_per_step):
+    """A 20-s budgeted recipe run (8 steps an epoch, first guess 1 epoch) whose step n takes seconds_per_step(n)."""
     import fasttrain.recipes as recipes
 
     gen = torch.Generator().manual_seed(0)
@@ -233,13 +232,19 @@ def test_a_budgeted_recipe_run_replans_its_length_from_its_own_pace(monkeypatch)
     monkeypatch.setattr(recipes.time, "perf_counter", lambda: clock["t"])
     real_step = recipes.TrainStep.__call__
 
-    def one_second_steps(self, *args, **kwargs):  # a deterministic pace: every step takes 1 s of "training"
-        clock["t"] += 1.0
+    def timed_step(self, *args, **kwargs):  # a deterministic pace of "training"
+        clock["t"] += seconds_per_step(self.steps)
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(recipes.TrainStep, "__call__", one_second_steps)
+    monkeypatch.setattr(recipes.TrainStep, "__call__", timed_step)
     cfg = cpu_recipe(widths=(8, 8, 8), epochs=1.0, batch_size=64, ema_start_epoch=0.5, ema_every=1, tta=0)
-    result = train_recipe(cfg, (x[:512], y[:512], x[512:], y[512:]), "cpu", budget_seconds=20.0)
+    return x, y, cfg, train_recipe(cfg, (x[:512], y[:512], x[512:], y[512:]), "cpu", budget_seconds=20.0)
+
+
+def test_a_budgeted_recipe_run_replans_its_length_from_its_own_pace(monkeypatch):
+    """A probe that misjudged the pace (here: a first guess of 1 epoch against a budget worth many) is corrected
+    by the run itself: it times its steps after a warm-up and stretches the schedule to end with the budget."""
+    x, y, cfg, result = _budgeted_run_on_a_fake_clock(monkeypatch, lambda steps_done: 1.0)  # every step 1 s
     # 8 steps an epoch at 1 s each: a 20 s budget (less its 2% margin, 19.6 s) is 19 steps, not the first guess's 8
     assert result.resizes and result.resizes[0]["was"] == 8
     assert result.resizes[0]["seconds_per_step"] == pytest.approx(1.0)
@@ -273,22 +278,8 @@ def test_the_cpu_budget_recipe_widens_with_the_budget_and_trains_in_bf16_where_t
 def test_a_budgeted_run_replans_whenever_an_epochs_pace_changes_and_still_ends_with_its_budget(monkeypatch):
     """Steps that get faster after the first epoch (caches warm, the machine quietens) must not leave the end of
     the budget unused: the 600-s runs that re-planned only after their first epoch trained for 456 to 530 s."""
-    import fasttrain.recipes as recipes
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (576, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    y = torch.randint(0, 10, (576,), generator=gen)
-    clock = {"t": 0.0}
-    monkeypatch.setattr(recipes.time, "perf_counter", lambda: clock["t"])
-    real_step = recipes.TrainStep.__call__
-
-    def faster_after_the_first_epoch(self, *args, **kwargs):  # 1 s a step for 8 steps (one epoch), then 0.5 s
-        clock["t"] += 1.0 if self.steps < 8 else 0.5
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(recipes.TrainStep, "__call__", faster_after_the_first_epoch)
-    cfg = cpu_recipe(widths=(8, 8, 8), epochs=1.0, batch_size=64, ema_start_epoch=0.5, ema_every=1, tta=0)
-    result = train_recipe(cfg, (x[:512], y[:512], x[512:], y[512:]), "cpu", budget_seconds=20.0)
+    # 1 s a step for 8 steps (one epoch), then 0.5 s
+    _, _, _, result = _budgeted_run_on_a_fake_clock(monkeypatch, lambda steps_done: 1.0 if steps_done < 8 else 0.5)
     # the plan fills 19.6 s (the budget less its 2% margin). After epoch 1 (8 s spent, 1 s a step): 19 steps;
     # after epoch 2 (12 s spent, 0.5 s a step): 15 steps more
     assert [(r["at_step"], r["total_steps"]) for r in result.resizes] == [(8, 19), (16, 31)]
